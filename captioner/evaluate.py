@@ -1,0 +1,97 @@
+"""coco-caption metrics with pycocoevalcap's own scorers, and captions for a dataset split.
+
+`COCOEvalCap.evaluate()` also runs SPICE, which downloads Stanford CoreNLP at first use and fails
+offline, so the scorers are called directly: PTBTokenizer, BLEU-1..4, METEOR, ROUGE-L, CIDEr.
+METEOR and the PTB tokenizer run Java (`java` must be on PATH).
+"""
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .config import DecodeConfig
+from .datasets import ImageCaptions, image_loader
+
+METRIC_NAMES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+
+
+def require_java() -> None:
+    if shutil.which("java") is None:
+        raise RuntimeError("METEOR and the PTB tokenizer need Java: install a JRE "
+                           "(Debian: apt-get install default-jre-headless)")
+
+
+def score_captions(references: Mapping[str, Sequence[str]], candidates: Mapping[str, str],
+                   metrics: Sequence[str] = METRIC_NAMES) -> dict[str, float]:
+    """Corpus scores of candidate captions against their references (ids must match)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    if set(references) != set(candidates):
+        raise ValueError("references and candidates must cover the same image ids")
+    require_java()
+    ids = sorted(candidates)
+    tokenizer = PTBTokenizer()
+    refs = tokenizer.tokenize({i: [{"caption": c} for c in references[i]] for i in ids})
+    cands = tokenizer.tokenize({i: [{"caption": candidates[i]}] for i in ids})
+    scores: dict[str, float] = {}
+    wanted = set(metrics)
+    if wanted & {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"}:
+        bleu, _ = Bleu(4).compute_score(refs, cands, verbose=0)
+        scores.update({f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)})
+    if "METEOR" in wanted:
+        meteor = Meteor()
+        try:
+            scores["METEOR"] = float(meteor.compute_score(refs, cands)[0])
+        finally:
+            close_meteor(meteor)
+    if "ROUGE-L" in wanted:
+        scores["ROUGE-L"] = float(Rouge().compute_score(refs, cands)[0])
+    if "CIDEr" in wanted:
+        scores["CIDEr"] = float(Cider().compute_score(refs, cands)[0])
+    return {k: scores[k] for k in METRIC_NAMES if k in scores}
+
+
+def close_meteor(meteor) -> None:
+    """Stop METEOR's Java subprocess now rather than at interpreter exit."""
+    proc = getattr(meteor, "meteor_p", None)
+    if proc is not None and proc.poll() is None:
+        with meteor.lock:
+            proc.stdin.close()
+            proc.kill()
+            proc.wait()
+
+
+def caption_records(captioner, records: Sequence[ImageCaptions], cfg: DecodeConfig,
+                    batch_size: int = 64, num_workers: int = 2, progress: bool = True
+                    ) -> dict[str, str]:
+    """Generated caption per image id (images that cannot be read are left out)."""
+    from tqdm import tqdm
+
+    loader = image_loader([r.path for r in records], captioner.preprocess_cfg, batch_size,
+                          num_workers)
+    out: dict[str, str] = {}
+    with tqdm(total=len(records), desc="captioning", unit="img", disable=not progress) as bar:
+        for indices, images, errors in loader:
+            if images is not None:
+                for i, cap in zip(indices, captioner.caption_features(captioner.encode(images), cfg)):
+                    out[records[i].image_id] = cap.text
+            bar.update(len(indices) + len(errors))
+    return out
+
+
+def evaluate_records(captioner, records: Sequence[ImageCaptions], cfg: DecodeConfig,
+                     **kwargs) -> tuple[dict[str, float], dict[str, str]]:
+    candidates = caption_records(captioner, records, cfg, **kwargs)
+    references = {r.image_id: r.captions for r in records if r.image_id in candidates}
+    return score_captions(references, candidates), candidates
+
+
+def format_scores(scores: Mapping[str, float]) -> str:
+    return "\n".join(f"{name:8s} {value:.4f}" for name, value in scores.items())

@@ -1,0 +1,69 @@
+"""Show and Tell: CNN features set the initial LSTM state; the LSTM predicts the next word.
+
+    features (B, D) -> [LayerNorm] -> dropout -> Linear -> tanh -> h0, c0  (each (L, B, H))
+    <start> w1 .. wn -> Embedding -> LSTM -> dropout -> Linear -> logits over the vocabulary
+
+`step()` is the single-step function the decoding module runs on; it keeps the LSTM state
+batch-first, as decoding.py expects.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+State = tuple[torch.Tensor, torch.Tensor]
+
+
+class CaptionDecoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, pad_id: int = 0):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("ModelConfig.vocab_size must be set from the vocabulary")
+        self.cfg = cfg
+        self.feature_norm = nn.LayerNorm(cfg.feature_dim) if cfg.feature_norm else nn.Identity()
+        self.init_h = nn.Linear(cfg.feature_dim, cfg.num_layers * cfg.hidden_dim)
+        self.init_c = nn.Linear(cfg.feature_dim, cfg.num_layers * cfg.hidden_dim)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=pad_id)
+        self.lstm = nn.LSTM(cfg.embed_dim, cfg.hidden_dim, cfg.num_layers, batch_first=True,
+                            dropout=cfg.dropout if cfg.num_layers > 1 else 0.0)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.readout = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
+
+    def init_state(self, features: torch.Tensor) -> State:
+        """Image features (B, D) -> LSTM state (h0, c0), each (L, B, H)."""
+        x = self.dropout(self.feature_norm(features.float()))
+        batch, layers, hidden = x.shape[0], self.cfg.num_layers, self.cfg.hidden_dim
+        h0 = torch.tanh(self.init_h(x)).view(batch, layers, hidden).transpose(0, 1).contiguous()
+        c0 = self.init_c(x).view(batch, layers, hidden).transpose(0, 1).contiguous()
+        return h0, c0
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing. tokens (B, T) start with <start>; returns logits (B, T, V) where
+        position t predicts tokens[:, t + 1] (the last position is ignored by the loss)."""
+        state = self.init_state(features)
+        outputs, _ = self.lstm(self.dropout(self.embed(tokens)), state)   # (B, T, H)
+        return self.readout(self.dropout(outputs))                           # (B, T, V)
+
+    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """One decoding step. tokens (N,), state batch-first (N, L, H) x 2 -> logprobs (N, V)."""
+        h, c = (s.transpose(0, 1).contiguous() for s in state)             # (L, N, H)
+        output, (h, c) = self.lstm(self.embed(tokens).unsqueeze(1), (h, c))  # (N, 1, H)
+        logprobs = F.log_softmax(self.readout(output.squeeze(1)).float(), dim=-1)  # (N, V)
+        return logprobs, (h.transpose(0, 1), c.transpose(0, 1))
+
+    def start_state(self, features: torch.Tensor) -> State:
+        """init_state in the batch-first layout decoding.py uses: (B, L, H) x 2."""
+        h0, c0 = self.init_state(features)
+        return h0.transpose(0, 1), c0.transpose(0, 1)
+
+
+def caption_loss(logits: torch.Tensor, tokens: torch.Tensor, pad_id: int,
+                 label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy of next-word prediction over real tokens only (padding masked)."""
+    predictions = logits[:, :-1].reshape(-1, logits.shape[-1])   # (B*(T-1), V)
+    targets = tokens[:, 1:].reshape(-1)                           # (B*(T-1),)
+    return F.cross_entropy(predictions.float(), targets, ignore_index=pad_id,
+                           label_smoothing=label_smoothing)

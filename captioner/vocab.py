@@ -1,0 +1,64 @@
+"""Tokenizer and vocabulary.
+
+Tokenisation uses nltk's Treebank-style word tokenizer with `preserve_line=True`, which needs no
+downloaded nltk data (plain `word_tokenize` wants the punkt model, which is not available offline).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+from nltk.tokenize import word_tokenize
+
+PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
+SPECIAL_TOKENS = (PAD, START, END, UNK)
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-cased word tokens; punctuation-only tokens are dropped (captions end in ' .')."""
+    tokens = word_tokenize(text.lower(), preserve_line=True)
+    return [t for t in tokens if any(ch.isalnum() for ch in t)]
+
+
+class Vocabulary:
+    def __init__(self, words: Sequence[str]):
+        if tuple(words[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
+            raise ValueError(f"vocabulary must start with {SPECIAL_TOKENS}")
+        if len(set(words)) != len(words):
+            raise ValueError("vocabulary has duplicate words")
+        self.itos: list[str] = list(words)
+        self.stoi: dict[str, int] = {w: i for i, w in enumerate(self.itos)}
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id = (self.stoi[t] for t in SPECIAL_TOKENS)
+
+    @classmethod
+    def build(cls, captions: Iterable[str], min_count: int = 5) -> "Vocabulary":
+        """Keep words seen at least `min_count` times, most frequent first (ties alphabetical)."""
+        counts = Counter(tok for caption in captions for tok in tokenize(caption))
+        kept = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
+        return cls(list(SPECIAL_TOKENS) + [w for w in kept if w not in SPECIAL_TOKENS])
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def encode(self, caption: str, max_len: int | None = None) -> list[int]:
+        """<start> w1 .. wn <end>, unknown words as <unk>, at most max_len words."""
+        words = tokenize(caption)[:max_len]
+        return [self.bos_id] + [self.stoi.get(w, self.unk_id) for w in words] + [self.eos_id]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Words up to the first <end>, specials dropped."""
+        return " ".join(self.words(ids))
+
+    def words(self, ids: Iterable[int]) -> list[str]:
+        out = []
+        for i in ids:
+            i = int(i)
+            if i == self.eos_id:
+                break
+            if i in (self.pad_id, self.bos_id):
+                continue
+            out.append(self.itos[i])
+        return out
+
+    def to_list(self) -> list[str]:
+        return list(self.itos)
