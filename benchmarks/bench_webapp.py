@@ -1,0 +1,160 @@
+"""Web UI speed through gradio_client on loopback, the way a user's request travels.
+
+Starts `python app.py --checkpoint CKPT --port PORT` in its own process, then:
+  (1) latency: one upload at a time (beam 3, the page's defaults), median and p90 over --single
+      requests cycling through the example photos; the same captions through the Python API in
+      this process give the share of the time Gradio adds;
+  (2) load: --requests requests from --concurrency client threads (one Client each); every one
+      must come back with a caption; latency median/p90 and throughput.
+Targets (issue 5): median (1) <= 300 ms on 2 cores; (2) 80 requests at concurrency 8, no error.
+
+    .venv/bin/python benchmarks/bench_webapp.py [--checkpoint checkpoints/model.safetensors]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import gradio  # noqa: E402
+import torch  # noqa: E402
+from gradio_client import Client, handle_file  # noqa: E402
+
+from captioner.api import Captioner, default_checkpoint  # noqa: E402
+from captioner.webapp import example_images  # noqa: E402
+
+LATENCY_TARGET_MS = 300
+
+
+def machine() -> str:
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{model}, {os.cpu_count()} cores | Python {platform.python_version()}, torch "
+            f"{torch.__version__}, gradio {gradio.__version__} | load average: {load}")
+
+
+def summary(seconds: list[float]) -> str:
+    ms = sorted(1000 * s for s in seconds)
+    p90 = ms[min(len(ms) - 1, round(0.9 * (len(ms) - 1)))]
+    return f"median {statistics.median(ms):6.0f} ms   p90 {p90:6.0f} ms   (n={len(ms)})"
+
+
+def start_server(checkpoint: str, port: int, timeout: float = 180.0) -> tuple[subprocess.Popen, Client]:
+    """The app as a user runs it, in its own process; returns once it answers."""
+    server = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--checkpoint", checkpoint,
+                               "--port", str(port)], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the app exited with status {server.returncode}:\n{server.stderr.read()}")
+        try:
+            return server, Client(f"http://127.0.0.1:{port}/", verbose=False)
+        except Exception:   # not listening yet
+            time.sleep(0.5)
+    server.kill()
+    raise SystemExit(f"the app did not answer on port {port} within {timeout:.0f} s")
+
+
+def timed_caption(client: Client, photo: str) -> float:
+    start = time.perf_counter()
+    caption = client.predict(handle_file(photo), api_name="/caption")[0]
+    elapsed = time.perf_counter() - start
+    if not caption:
+        raise RuntimeError(f"empty caption for {photo}")
+    return elapsed
+
+
+def api_latency(checkpoint: str, photos: list[str], repeats: int) -> list[float]:
+    """The Python API alone, one image per call, with the server's thread setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        captioner = Captioner.load(checkpoint)
+        captioner.caption(photos[0], method="beam", beam_size=3)      # warm-up
+        times = []
+        for i in range(repeats):
+            start = time.perf_counter()
+            captioner.caption(photos[i % len(photos)], method="beam", beam_size=3, n_best=3)
+            times.append(time.perf_counter() - start)
+        return times
+    finally:
+        torch.set_num_threads(threads)
+
+
+def load_test(url: str, photos: list[str], requests: int, concurrency: int
+              ) -> tuple[list[float], list[str], float]:
+    clients = [Client(url, verbose=False) for _ in range(concurrency)]
+    errors: list[str] = []
+
+    def worker(index: int) -> float | None:
+        try:
+            return timed_caption(clients[index % concurrency], photos[index % len(photos)])
+        except Exception as exc:   # counted and reported: the target is zero
+            errors.append(f"request {index}: {type(exc).__name__}: {exc}")
+            return None
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(worker, range(requests)))
+    wall = time.perf_counter() - start
+    return [r for r in results if r is not None], errors, wall
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=str(default_checkpoint()))
+    parser.add_argument("--port", type=int, default=7891)
+    parser.add_argument("--single", type=int, default=40, help="sequential requests for the latency")
+    parser.add_argument("--requests", type=int, default=80)
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args(argv)
+    if not Path(args.checkpoint).exists():
+        raise SystemExit(f"no checkpoint at {args.checkpoint}: pass --checkpoint PATH")
+    photos = example_images()
+    if not photos:
+        raise SystemExit("no example photos in examples/")
+
+    print(machine())
+    print(f"checkpoint {args.checkpoint}; {len(photos)} example photos "
+          f"({', '.join(Path(p).name for p in photos)})")
+    direct = api_latency(args.checkpoint, photos, args.single)
+    server, client = start_server(args.checkpoint, args.port)
+    try:
+        for photo in photos:                                     # warm-up, one per photo
+            timed_caption(client, photo)
+        single = [timed_caption(client, photos[i % len(photos)]) for i in range(args.single)]
+        loaded, errors, wall = load_test(f"http://127.0.0.1:{args.port}/", photos,
+                                         args.requests, args.concurrency)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    median_ms = 1000 * statistics.median(single)
+    print(f"\n(1) one upload at a time, beam 3, through gradio_client: {summary(single)}"
+          f"   target <= {LATENCY_TARGET_MS} ms: {'met' if median_ms <= LATENCY_TARGET_MS else 'MISSED'}")
+    print(f"    the Python API alone, same photos, in-process:       {summary(direct)}")
+    print(f"(2) {args.requests} requests, {args.concurrency} concurrent clients: {summary(loaded)}; "
+          f"{len(errors)} errors; {wall:.1f} s wall, {len(loaded) / wall:.1f} captions/s")
+    for line in errors[:10]:
+        print("   ", line)
+    print(f"    load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    return 0 if median_ms <= LATENCY_TARGET_MS and not errors else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

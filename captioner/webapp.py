@@ -1,0 +1,299 @@
+"""The web UI: upload a photo, read its caption. A thin Gradio shell over `Captioner.caption`.
+
+One model is loaded at start and shared by every request; requests go through Gradio's queue,
+DEFAULT_CONCURRENCY at a time. The endpoint `/caption` takes the image first and has defaults for
+everything else, so `Client(url).predict(handle_file(path), api_name="/caption")[0]` is the caption.
+"""
+from __future__ import annotations
+
+import os
+
+# Gradio reads this when it is imported: no usage reports leave the machine.
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+import colorsys
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import torch
+from PIL import Image
+
+from .api import Caption, Captioner, default_checkpoint
+from .checkpoint import CheckpointError
+from .preprocess import ImageLoadError
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+# A 50-megapixel phone photo passes; a decompression bomb (a tiny file that decodes to gigabytes)
+# is refused from its header, before any pixel is decoded.
+MAX_PIXELS = 60_000_000
+MAX_UPLOAD = "25mb"
+# Two cores: two requests in flight keep both busy; the rest wait in the queue.
+DEFAULT_CONCURRENCY = 2
+# PyTorch threads per request in the server. Beam search is a string of tiny matrix products: on
+# 2 cores, with two requests in flight, 2 threads each made decoding ~5x slower than 1 (the threads
+# wait on each other); the CNN runs in ONNX Runtime with its own threads.
+SERVER_TORCH_THREADS = 1
+QUEUE_SIZE = 64
+METHODS = ("beam", "greedy", "sample")
+MAX_BEAM, MAX_CAPTIONS = 10, 5
+METRIC_ORDER = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
+
+# System fonts only: the default theme would fetch Google Fonts, and the page must work offline.
+THEME = gr.themes.Default(font=["system-ui", "-apple-system", "Segoe UI", "Roboto", "sans-serif"],
+                          font_mono=["ui-monospace", "Menlo", "Consolas", "monospace"])
+CSS = """
+#caption textarea { font-size: 1.6rem !important; line-height: 1.3 !important; font-weight: 600; }
+.gradio-container { max-width: 1100px !important; margin: auto; }
+@media (max-width: 640px) { #caption textarea { font-size: 1.3rem !important; } }
+/* The table sizes its columns to unwrapped text: its width must not widen the page on a phone. */
+#candidates { contain: inline-size; }
+"""
+
+
+def confidence_color(percent: int) -> str:
+    """Pastel red (unsure) through yellow to green (sure), as a hex colour."""
+    red, green, blue = colorsys.hls_to_rgb(percent / 100 * 125 / 360, 0.45, 0.7)
+    return f"#{round(red * 255):02x}{round(green * 255):02x}{round(blue * 255):02x}"
+
+
+# Each word's label is its probability in percent ("87%"); the colour map covers all 101 labels.
+CONFIDENCE_COLORS = {f"{p}%": confidence_color(p) for p in range(101)}
+
+
+class BadRequest(Exception):
+    """An upload or a setting we cannot caption with; the message is shown to the user."""
+
+
+def check_image(path: str | os.PathLike) -> None:
+    """Refuse non-images and oversized images from the header alone (nothing is decoded)."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except Image.DecompressionBombError:
+        raise BadRequest("This image is far too large (a decompression bomb?); "
+                       f"the limit is {MAX_PIXELS / 1e6:.0f} megapixels.") from None
+    except (OSError, SyntaxError, ValueError):
+        raise BadRequest("This file is not an image (or a format Pillow cannot read): "
+                       "please upload a JPEG, PNG, WebP, GIF, BMP or TIFF photo.") from None
+    if width * height > MAX_PIXELS:
+        raise BadRequest(f"This image is too large: {width}x{height} pixels "
+                       f"({width * height / 1e6:.0f} megapixels; the limit is {MAX_PIXELS / 1e6:.0f}).")
+
+
+def upload_path(image: Any) -> str:
+    """The file behind the image input: Gradio's file payload (dict), a path, or None."""
+    if image is None:
+        raise BadRequest("No image: upload a photo (or pick an example) first.")
+    if isinstance(image, dict):
+        image = image.get("path")
+    if not isinstance(image, (str, os.PathLike)) or not str(image):
+        raise BadRequest("No image: upload a photo (or pick an example) first.")
+    return str(image)
+
+
+@dataclass
+class CaptionResult:
+    caption: str
+    words: list[tuple[str, str]]            # (word, its model probability as "87%")
+    candidates: list[list[Any]]             # rows: caption, score (best first)
+
+    def outputs(self) -> tuple:
+        return self.caption, self.words, self.candidates
+
+
+def candidate_rows(ranked: list[Caption]) -> list[list[Any]]:
+    """Table rows (caption, score) in the given order; repeated samples are listed once."""
+    rows, seen = [], set()
+    for option in ranked:
+        if option.text not in seen:
+            seen.add(option.text)
+            rows.append([option.text, round(option.score, 2)])
+    return rows
+
+
+class CaptionService:
+    """The request handler around one loaded Captioner (shared by all requests, read only)."""
+
+    def __init__(self, captioner: Captioner):
+        self.captioner = captioner
+        self.defaults = captioner.decode_cfg
+
+    def caption(self, image: Any, method: str = "beam", beam_size: int = 3,
+                temperature: float = 1.0, top_p: float = 1.0, num_captions: int = 3) -> CaptionResult:
+        """One uploaded image -> its caption, per-word probabilities and the n best.
+        Raises BadRequest with a message for the user when the upload cannot be captioned."""
+        path = upload_path(image)
+        if method not in METHODS:
+            raise BadRequest(f"Unknown method {method!r}: choose one of {', '.join(METHODS)}.")
+        if not 0.0 < float(temperature) <= 5.0 or not 0.0 < float(top_p) <= 1.0:
+            raise BadRequest("Temperature must be in (0, 5] and top-p in (0, 1].")
+        check_image(path)
+        n_best = 1 if method == "greedy" else min(max(int(num_captions), 1), MAX_CAPTIONS)
+        try:
+            best = self.captioner.caption(path, method=method,
+                                          beam_size=min(max(int(beam_size), 1), MAX_BEAM),
+                                          temperature=float(temperature), top_p=float(top_p),
+                                          n_best=n_best)
+        except ImageLoadError as exc:
+            raise BadRequest(f"Could not read this image: {exc}") from None
+        # Beam search returns its n best in order; samples come in drawing order: rank by score.
+        ranked = sorted(best.alternatives or [best], key=lambda c: -c.score)
+        top = ranked[0]
+        return CaptionResult(caption=top.text,
+                             words=[(w, f"{round(100 * p)}%") for w, p in zip(top.words, top.word_probs)],
+                             candidates=candidate_rows(ranked))
+
+    def handle(self, image, method, beam_size, temperature, top_p, num_captions):
+        """Gradio callback: bad input becomes a gr.Error message, never a traceback."""
+        try:
+            return self.caption(image, method, beam_size, temperature, top_p, num_captions).outputs()
+        except BadRequest as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+
+
+def model_card(captioner: Captioner) -> str:
+    """Markdown: which checkpoint is loaded and the scores stored in its header, if any."""
+    cfg, info = captioner.model_cfg, captioner.info
+    source = Path(getattr(captioner, "source", "") or "(in memory)").name
+    ensemble = f", an ensemble of {len(captioner.decoders)}" if len(captioner.decoders) > 1 else ""
+    dataset = f", trained on {info['dataset']}" if isinstance(info.get("dataset"), str) else ""
+    lines = [f"**Model:** `{source}`: {cfg.backbone} encoder, {cfg.num_layers}-layer LSTM "
+             f"({cfg.hidden_dim} units), {len(captioner.vocab):,} words{ensemble}{dataset}."]
+    for key, title in (("test_scores", "Test scores"), ("val_scores", "Validation scores")):
+        table = score_table(info.get(key))
+        if table:
+            return "\n".join(lines + ["", f"**{title}**{score_context(info[key])}:", "", table])
+    return "\n".join(lines + ["", "_This checkpoint stores no evaluation scores._"])
+
+
+def split_scores(scores: Any) -> tuple[dict[str, float], dict[str, Any]]:
+    """Metric values and their context: flat {"CIDEr": ..} or {"scores": {..}, "split": ..}."""
+    if not isinstance(scores, dict):
+        return {}, {}
+    context = {}
+    if isinstance(scores.get("scores"), dict):
+        context = {k: v for k, v in scores.items() if k != "scores" and isinstance(v, (str, int, float))}
+        scores = scores["scores"]
+    metrics = {k: float(v) for k, v in scores.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return metrics, context
+
+
+def score_context(scores: Any) -> str:
+    context = split_scores(scores)[1]
+    return f" ({', '.join(f'{k} {v}' for k, v in context.items())})" if context else ""
+
+
+def score_table(scores: Any) -> str:
+    """A one-row Markdown table of metric -> value (empty when there are none)."""
+    metrics = split_scores(scores)[0]
+    if not metrics:
+        return ""
+    names = sorted(metrics, key=lambda k: (METRIC_ORDER.index(k) if k in METRIC_ORDER else 99, k))
+    return ("| " + " | ".join(names) + " |\n|" + "---|" * len(names) + "\n| "
+            + " | ".join(f"{metrics[k]:.3f}" for k in names) + " |")
+
+
+def example_images() -> list[str]:
+    """The shipped example photos (absent from a plain pip install: then no examples)."""
+    if not EXAMPLES_DIR.is_dir():
+        return []
+    return sorted(str(p) for p in EXAMPLES_DIR.iterdir()
+                  if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
+
+
+def build_app(captioner: Captioner) -> gr.Blocks:
+    """The page. Call `launch(app)` (below) to serve it with the project's theme and limits."""
+    service = CaptionService(captioner)
+    d = service.defaults
+    method = d.method if d.method in METHODS else "beam"
+    with gr.Blocks(title="Captioner", analytics_enabled=False) as app:
+        gr.Markdown("# Captioner\nDrop in a photo and read what it shows — "
+                    "a Show-and-Tell model (CNN encoder + LSTM decoder).")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=300):
+                # image_mode=None: Gradio hands over the file untouched (no decode, no re-encode).
+                image = gr.Image(label="Photo", type="filepath", image_mode=None,
+                                 sources=["upload", "clipboard", "webcam"], height=360,
+                                 elem_id="photo")
+                button = gr.Button("Caption", variant="primary", elem_id="caption-button")
+                with gr.Accordion("Advanced", open=False):
+                    method_in = gr.Radio(list(METHODS), value=method, label="Method")
+                    beam_in = gr.Slider(1, MAX_BEAM, value=min(max(d.beam_size, 1), MAX_BEAM), step=1,
+                                        label="Beam size (beam search)")
+                    temperature_in = gr.Slider(0.1, 2.0, value=d.temperature, step=0.05,
+                                               label="Temperature (sampling)")
+                    top_p_in = gr.Slider(0.05, 1.0, value=d.top_p, step=0.05, label="Top-p (sampling)")
+                    count_in = gr.Slider(1, MAX_CAPTIONS, value=3, step=1,
+                                         label="Number of captions (beam, sampling)")
+            with gr.Column(scale=1, min_width=300):
+                caption = gr.Textbox(label="Caption", lines=2, interactive=False, elem_id="caption",
+                                     buttons=["copy"])
+                words = gr.HighlightedText(label="Word confidence", color_map=CONFIDENCE_COLORS,
+                                           show_legend=False, show_inline_category=True,
+                                           elem_id="words")
+                candidates = gr.Dataframe(headers=["caption", "score"], datatype=["str", "number"],
+                                          label="Best captions (score: log-probability)",
+                                          interactive=False, wrap=True, column_widths=["78%", "22%"],
+                                          elem_id="candidates")
+        inputs = [image, method_in, beam_in, temperature_in, top_p_in, count_in]
+        outputs = [caption, words, candidates]
+        # preprocess=False: the callback gets the uploaded file as is and judges it itself, so a
+        # non-image gets our message instead of a failure inside Gradio's image decoding.
+        button.click(service.handle, inputs, outputs, api_name="caption", preprocess=False,
+                     api_description="Caption one image: returns (caption, word probabilities, n best).")
+        examples = example_images()
+        if examples:
+            gr.Examples(examples=[[p] for p in examples], inputs=[image], elem_id="examples",
+                        label="Example photos: pick one, then press Caption",
+                        examples_per_page=len(examples))
+        with gr.Accordion("About the model", open=True):
+            gr.Markdown(model_card(captioner), elem_id="model-card")
+    app.queue(default_concurrency_limit=DEFAULT_CONCURRENCY, max_size=QUEUE_SIZE)
+    return app
+
+
+def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
+           prevent_thread_lock: bool = False, quiet: bool = False):
+    """Serve the page: loopback unless told otherwise, no share link unless asked."""
+    return app.launch(server_name=host, server_port=port, share=share,
+                      prevent_thread_lock=prevent_thread_lock, quiet=quiet,
+                      max_file_size=MAX_UPLOAD, theme=THEME, css=CSS)
+
+
+def warm_up(captioner: Captioner) -> None:
+    """One caption before the first user, so the first request does not pay for first-call setup."""
+    examples = example_images()
+    if examples:
+        captioner.caption(examples[0], method="beam", beam_size=3)
+
+
+def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 7860,
+          share: bool = False) -> int:
+    """`python app.py` / `captioner serve`: load the model once, serve until interrupted."""
+    if checkpoint is None and not default_checkpoint().is_file():
+        print(f"error: the shipped model {default_checkpoint()} is not there yet; train one "
+              "(make train-flickr8k) or pass --checkpoint PATH", file=sys.stderr)
+        return 1
+    torch.set_num_threads(SERVER_TORCH_THREADS)
+    try:
+        captioner = Captioner.load(checkpoint)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    warm_up(captioner)
+    app = build_app(captioner)
+    try:
+        _, local_url, _ = launch(app, host=host, port=port, share=share,
+                                 prevent_thread_lock=True, quiet=True)
+    except OSError:   # Gradio's own message names its launch() arguments, not our flags
+        print(f"error: cannot serve on {host}:{port}: the port is in use or the address is not "
+              "this machine's; choose another --port or --host", file=sys.stderr)
+        return 1
+    reach = "this machine only (--host 0.0.0.0 for your network)" if host == "127.0.0.1" else host
+    print(f"Captioner web UI: {local_url}  [{reach}; Ctrl-C stops]", flush=True)
+    app.block_thread()    # until Ctrl-C, which closes the server
+    return 0

@@ -1,0 +1,86 @@
+"""The page in a real browser: Debian's chromium driven by playwright (never `playwright install`:
+there is no internet). Skipped, with the reason, when chromium or playwright is missing;
+`make system-deps` installs chromium."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
+CAPTION_TIMEOUT_MS = 30_000
+
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:   # the dev extra is not installed
+    sync_playwright = None
+
+needs_browser = pytest.mark.skipif(
+    sync_playwright is None or not CHROMIUM.is_file(),
+    reason=f"needs the playwright package and Debian's chromium at {CHROMIUM} "
+           "(`apt-get install -y chromium`, or `make system-deps`)")
+
+
+@contextlib.contextmanager
+def browser_page(viewport: dict = DESKTOP):
+    """A fresh chromium page; the browser is closed when the block ends."""
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser.new_page(viewport=viewport)
+        finally:
+            browser.close()
+
+
+def caption_in_page(page, url: str, photo: Path | str) -> str:
+    """Open the page, upload the photo, press Caption and return the caption the page shows."""
+    page.goto(url)
+    page.locator("#photo input[type=file]").set_input_files(str(photo))
+    page.locator("#caption-button").click()
+    page.wait_for_function("() => document.querySelector('#caption textarea').value.length > 0",
+                           timeout=CAPTION_TIMEOUT_MS)
+    return page.locator("#caption textarea").input_value()
+
+
+@needs_browser
+def test_browser_uploads_a_photo_and_reads_its_caption(tiny_captioner, tmp_path):
+    from test_webapp import EXAMPLES, running_app
+
+    photo = EXAMPLES[0]
+    expected = tiny_captioner.caption(photo, method="beam", beam_size=3).text
+    not_an_image = tmp_path / "not_an_image.png"
+    not_an_image.write_text("plain text")
+    with running_app(tiny_captioner) as (_, url), browser_page() as page:
+        assert caption_in_page(page, url, photo) == expected
+        words = page.locator("#words").inner_text()
+        assert all(word in words for word in expected.split())
+        assert "%" in words                                      # per-word confidence labels
+        assert expected in page.locator("#candidates").inner_text()
+        assert "efficientnet_lite0" in page.locator("#model-card").inner_text()
+
+        # Phone width: everything fits, nothing scrolls sideways.
+        page.set_viewport_size(PHONE)
+        page.wait_for_timeout(300)
+        assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+        assert page.locator("#caption-button").is_visible()
+
+        # An example photo: one click puts it in the image box.
+        page.locator("#examples img").nth(1).click()
+        page.locator("#caption-button").click()
+        second = tiny_captioner.caption(EXAMPLES[1], method="beam", beam_size=3).text
+        assert second != expected                  # else this step could not tell the photos apart
+        page.wait_for_function("text => document.querySelector('#caption textarea').value === text",
+                               arg=second, timeout=CAPTION_TIMEOUT_MS)
+
+        # A file that is not an image: the page shows our message, and the next photo still works.
+        page.set_viewport_size(DESKTOP)
+        page.locator("#photo input[type=file]").set_input_files(str(not_an_image))
+        page.locator("#caption-button").click()
+        page.get_by_text("not an image").first.wait_for(timeout=CAPTION_TIMEOUT_MS)
+        assert caption_in_page(page, url, EXAMPLES[2]) == tiny_captioner.caption(
+            EXAMPLES[2], method="beam", beam_size=3).text

@@ -1,0 +1,159 @@
+"""The web UI: the caption callback called directly, then the app served in this process and
+called through gradio_client, including bad uploads that must not take the server down."""
+from __future__ import annotations
+
+import contextlib
+import struct
+import zlib
+from pathlib import Path
+
+import gradio as gr
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+from captioner import webapp
+from captioner.webapp import BadRequest, CaptionService
+
+# Gradio's queue calls pandas APIs that pandas 3 deprecates: its business, not this project's.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:gradio.queueing")
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("*.jpg"))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height but holds a few bytes of pixels: what a decompression
+    bomb looks like to a header reader (decoding it would need width*height*3 bytes)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("bad_uploads")
+    files = {"text": folder / "notes.jpg", "huge": folder / "huge.png", "bomb": folder / "bomb.png"}
+    files["text"].write_text("this is a text file with an image's name\n")
+    files["huge"].write_bytes(png_header_only(9000, 8000))       # 72 MP: over the app's limit
+    files["bomb"].write_bytes(png_header_only(30000, 30000))     # 900 MP: Pillow's bomb check
+    return files
+
+
+@contextlib.contextmanager
+def running_app(captioner):
+    """The app served on loopback (Gradio picks a free port from 7860 up) until the block ends."""
+    app = webapp.build_app(captioner)
+    _, url, _ = webapp.launch(app, port=None, prevent_thread_lock=True, quiet=True)
+    try:
+        yield app, url
+    finally:
+        app.close()
+
+
+def test_examples_are_real_photos():
+    assert 4 <= len(EXAMPLES) <= 8
+    assert webapp.example_images() == [str(p) for p in EXAMPLES]
+
+
+def test_caption_callback_matches_the_api(tiny_captioner):
+    service = CaptionService(tiny_captioner)
+    photo = EXAMPLES[0]
+    result = service.caption(str(photo), method="beam", beam_size=3, num_captions=3)
+    expected = tiny_captioner.caption(photo, method="beam", beam_size=3, n_best=3)
+    assert result.caption and result.caption == expected.text
+    assert [w for w, _ in result.words] == result.caption.split()
+    percents = [int(label.rstrip("%")) for _, label in result.words]
+    assert percents == [round(100 * p) for p in expected.word_probs]
+    assert all(label in webapp.CONFIDENCE_COLORS for _, label in result.words)
+    assert result.candidates[0][0] == result.caption
+    scores = [score for _, score in result.candidates]
+    assert scores == sorted(scores, reverse=True) and 1 <= len(scores) <= 3
+
+
+def test_caption_callback_methods(tiny_captioner):
+    service = CaptionService(tiny_captioner)
+    photo = str(EXAMPLES[1])
+    greedy = service.caption(photo, method="greedy", num_captions=5)
+    assert greedy.caption == tiny_captioner.caption(photo, method="greedy").text
+    assert len(greedy.candidates) == 1                       # greedy has one caption only
+    sampled = service.caption(photo, method="sample", temperature=0.7, top_p=0.9, num_captions=4)
+    assert sampled.caption and 1 <= len(sampled.candidates) <= 4
+    assert len({text for text, _ in sampled.candidates}) == len(sampled.candidates)
+
+
+def test_bad_inputs_get_a_clear_message(tiny_captioner, bad_files):
+    service = CaptionService(tiny_captioner)
+    cases = [(None, "No image"), ({"path": None}, "No image"),
+             (str(bad_files["text"]), "not an image"),
+             (str(bad_files["huge"]), "too large: 9000x8000"),
+             (str(bad_files["bomb"]), "far too large")]
+    for image, message in cases:
+        with pytest.raises(BadRequest, match=message):
+            service.caption(image)
+    with pytest.raises(BadRequest, match="Unknown method"):
+        service.caption(str(EXAMPLES[0]), method="magic")
+    with pytest.raises(BadRequest, match="Temperature"):
+        service.caption(str(EXAMPLES[0]), method="sample", temperature=0)
+    # The Gradio callback turns them into gr.Error, which the page shows as a message.
+    with pytest.raises(gr.Error, match="not an image"):
+        service.handle(str(bad_files["text"]), "beam", 3, 1.0, 1.0, 3)
+
+
+def test_model_card_shows_what_the_checkpoint_has(tiny_captioner):
+    card = webapp.model_card(tiny_captioner)
+    assert "efficientnet_lite0" in card and f"{len(tiny_captioner.vocab):,} words" in card
+    nested = {"split": "test", "method": "beam", "scores": {"CIDEr": 0.5123, "BLEU-4": 0.2}}
+    for info, expected in [({}, "stores no evaluation scores"),
+                           ({"test_scores": {"BLEU-4": 0.2, "CIDEr": 0.5123}}, "| BLEU-4 | CIDEr |"),
+                           ({"test_scores": nested}, "(split test, method beam)"),
+                           ({"val_scores": {"CIDEr": 0.4}}, "Validation scores")]:
+        original = tiny_captioner.info
+        tiny_captioner.info = info
+        try:
+            assert expected in webapp.model_card(tiny_captioner)
+        finally:
+            tiny_captioner.info = original
+    assert "0.512" in webapp.score_table(nested)
+
+
+def test_served_app_through_gradio_client(tiny_captioner, bad_files):
+    photo = EXAMPLES[2]
+    expected = tiny_captioner.caption(photo, method="beam", beam_size=3).text
+    with running_app(tiny_captioner) as (app, url):
+        assert url.startswith("http://127.0.0.1:")
+        assert app.analytics_enabled is False and not app.share
+        client = Client(url, verbose=False)
+        caption, words, table = client.predict(handle_file(str(photo)), api_name="/caption")
+        assert caption == expected
+        assert [w["token"] for w in words] == caption.split()
+        assert table["data"][0][0] == caption
+        for name, message in [("text", "not an image"), ("bomb", "too large")]:
+            with pytest.raises(AppError, match=message):
+                client.predict(handle_file(str(bad_files[name])), api_name="/caption")
+        # The server kept serving, and the optional parameters are honoured.
+        greedy = client.predict(handle_file(str(photo)), "greedy", api_name="/caption")
+        assert greedy[0] == tiny_captioner.caption(photo, method="greedy").text
+        assert len(greedy[2]["data"]) == 1
+
+
+def load_app_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("captioner_app", ROOT / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_app_without_a_model_says_so(monkeypatch, capsys, tmp_path):
+    app = load_app_module()
+    monkeypatch.setattr(webapp, "default_checkpoint", lambda: tmp_path / "model.safetensors")
+    assert app.main([]) == 1
+    assert "not there yet" in capsys.readouterr().err
+    assert app.main(["--checkpoint", str(tmp_path / "missing.safetensors")]) == 1
+    assert "no such checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        app.main(["--port", "not-a-number"])
+    assert exit_info.value.code == 2
