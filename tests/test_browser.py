@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# Gradio's queue calls pandas APIs that pandas 3 deprecates: its business, not this project's.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:gradio.queueing")
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-sync"]

@@ -3,6 +3,7 @@ called through gradio_client, including bad uploads that must not take the serve
 from __future__ import annotations
 
 import contextlib
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -34,11 +35,18 @@ def png_header_only(width: int, height: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory) -> dict[str, Path]:
+    contents = {
+        "text": ("notes.jpg", b"a text file with an image's name\n"),
+        "empty": ("empty.png", b""),
+        "truncated": ("truncated.jpg", EXAMPLES[0].read_bytes()[:4000]),  # header, part of the scan
+        "huge": ("huge.png", png_header_only(9000, 8000)),       # 72 MP: over the app's limit
+        "bomb": ("bomb.png", png_header_only(30000, 30000)),     # 900 MP: Pillow's bomb check
+    }
     folder = tmp_path_factory.mktemp("bad_uploads")
-    files = {"text": folder / "notes.jpg", "huge": folder / "huge.png", "bomb": folder / "bomb.png"}
-    files["text"].write_text("this is a text file with an image's name\n")
-    files["huge"].write_bytes(png_header_only(9000, 8000))       # 72 MP: over the app's limit
-    files["bomb"].write_bytes(png_header_only(30000, 30000))     # 900 MP: Pillow's bomb check
+    files = {}
+    for key, (name, data) in contents.items():
+        files[key] = folder / name
+        files[key].write_bytes(data)
     return files
 
 
@@ -87,7 +95,8 @@ def test_caption_callback_methods(tiny_captioner):
 def test_bad_inputs_get_a_clear_message(tiny_captioner, bad_files):
     service = CaptionService(tiny_captioner)
     cases = [(None, "No image"), ({"path": None}, "No image"),
-             (str(bad_files["text"]), "not an image"),
+             (str(bad_files["text"]), "not an image"), (str(bad_files["empty"]), "not an image"),
+             (str(bad_files["truncated"]), "Could not read this image"),
              (str(bad_files["huge"]), "too large: 9000x8000"),
              (str(bad_files["bomb"]), "far too large")]
     for image, message in cases:
@@ -125,6 +134,7 @@ def test_served_app_through_gradio_client(tiny_captioner, bad_files):
     with running_app(tiny_captioner) as (app, url):
         assert url.startswith("http://127.0.0.1:")
         assert app.analytics_enabled is False and not app.share
+        assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
         client = Client(url, verbose=False)
         caption, words, table = client.predict(handle_file(str(photo)), api_name="/caption")
         assert caption == expected
