@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -27,6 +28,27 @@ def decode_overrides(args) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", choices=["flickr8k", "coco"], required=True)
+    parser.add_argument("--data-root", required=True)
+    parser.add_argument("--train-split", help="flickr8k: train; coco: e.g. train2017, or train with --karpathy-json")
+    parser.add_argument("--val-split", help="flickr8k: dev; coco: e.g. val2017, or val with --karpathy-json "
+                                            "(default: hold out part of train)")
+    parser.add_argument("--karpathy-json", help="dataset_coco.json (Karpathy split) for COCO")
+
+
+def data_config(args) -> DataConfig:
+    if args.dataset == "flickr8k":
+        defaults = ("train", "dev")
+    else:
+        defaults = ("train", "val") if args.karpathy_json else ("train2017", None)
+    return DataConfig(dataset=args.dataset, data_root=args.data_root,
+                      train_split=args.train_split or defaults[0],
+                      val_split=args.val_split if args.val_split is not None else defaults[1],
+                      karpathy_json=args.karpathy_json,
+                      min_word_count=getattr(args, "min_word_count", DataConfig.min_word_count))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="captioner", description="Show-and-Tell image captioning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -40,11 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_decode_args(p)
 
     p = sub.add_parser("train", help="train a captioner on Flickr8k or COCO")
-    p.add_argument("--dataset", choices=["flickr8k", "coco"], required=True)
-    p.add_argument("--data-root", required=True)
-    p.add_argument("--train-split", help="flickr8k: train; coco: e.g. train2017 or a Karpathy split")
-    p.add_argument("--val-split", help="flickr8k: dev; coco: e.g. val2017 (default: hold out part of train)")
-    p.add_argument("--karpathy-json", help="dataset_coco.json (Karpathy split) for COCO")
+    add_data_args(p)
     p.add_argument("--min-word-count", type=int, default=DataConfig.min_word_count)
     p.add_argument("--output", required=True, help="run folder: best/, last.safetensors, metrics, curves")
     p.add_argument("--backbone", default=ModelConfig.backbone)
@@ -60,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fine-tune-cnn", action="store_true", help="train the CNN too, with augmentation")
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.safetensors")
+
+    p = sub.add_parser("prepare", help="build the feature cache training reads (progress bar; torchrun shards it)",
+                       description="Encode every image of the training and validation splits once with "
+                                   "the frozen CNN into the memory-mapped fp16 feature cache that "
+                                   "`captioner train` with the same data options reads.")
+    add_data_args(p)
+    p.add_argument("--backbone", default=ModelConfig.backbone)
+    p.add_argument("--cache-dir", help="feature cache folder (default ~/.cache/captioner/features)")
+    p.add_argument("--device", default=TrainConfig.device)
+    p.add_argument("--num-workers", type=int, default=TrainConfig.num_workers, help="image-decoding processes")
+    p.add_argument("--seed", type=int, default=TrainConfig.seed, help="as for train: picks the COCO holdout")
+    p.add_argument("--val-images", type=int, default=TrainConfig.val_images, help="as for train")
 
     p = sub.add_parser("evaluate", help="coco-caption metrics (BLEU, METEOR, ROUGE-L, CIDEr) on a split")
     p.add_argument("--checkpoint", help="checkpoint file or folder (default: the shipped model)")
@@ -96,16 +126,25 @@ def cmd_train(args) -> int:
     model_cfg = ModelConfig(backbone=args.backbone, embed_dim=args.embed_dim, hidden_dim=args.hidden_dim,
                             num_layers=args.num_layers, dropout=args.dropout,
                             feature_norm=not args.no_feature_norm)
-    defaults = {"flickr8k": ("train", "dev"), "coco": ("train2017", None)}[args.dataset]
-    data_cfg = DataConfig(dataset=args.dataset, data_root=args.data_root,
-                          train_split=args.train_split or defaults[0],
-                          val_split=args.val_split if args.val_split is not None else defaults[1],
-                          karpathy_json=args.karpathy_json, min_word_count=args.min_word_count)
+    data_cfg = data_config(args)
     train_values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
                     if f.name not in ("amp", "extras") and hasattr(args, f.name)}
     train_cfg = TrainConfig(**{**train_values, "amp": not args.no_amp})
     best = fit(model_cfg, data_cfg, train_cfg)
-    print(f"best checkpoint: {best}")
+    if os.environ.get("RANK", "0") == "0":     # under torchrun: once, not once per process
+        print(f"best checkpoint: {best}")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from .train import prepare_features
+
+    train_cfg = TrainConfig(cache_dir=args.cache_dir, device=args.device, num_workers=args.num_workers,
+                            seed=args.seed, val_images=args.val_images)
+    counts = prepare_features(ModelConfig(backbone=args.backbone), data_config(args), train_cfg)
+    if os.environ.get("RANK", "0") == "0":
+        for split, (readable, total) in counts.items():
+            print(f"{split}: {readable} of {total} images cached")
     return 0
 
 
@@ -143,7 +182,7 @@ def cmd_combine(args) -> int:
     return 0
 
 
-COMMANDS = {"caption": cmd_caption, "train": cmd_train, "evaluate": cmd_evaluate,
+COMMANDS = {"caption": cmd_caption, "train": cmd_train, "prepare": cmd_prepare, "evaluate": cmd_evaluate,
             "serve": cmd_serve, "combine": cmd_combine}
 
 

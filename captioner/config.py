@@ -98,7 +98,7 @@ class TrainConfig:
     cnn_lr: float = 1e-5
     fine_tune_after_epochs: int = 0  # start CNN fine-tuning once the decoder has settled
     num_workers: int = 2
-    cache_dir: str | None = None     # feature cache (default: <data_root>/../.captioner-cache or output)
+    cache_dir: str | None = None     # feature cache (default: ~/.cache/captioner/features)
     checkpoint_every: int = 500      # steps between resumable checkpoints (and at every epoch end)
     val_images: int = 0              # 0 = all of the validation split
     label_smoothing: float = 0.0

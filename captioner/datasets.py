@@ -116,17 +116,36 @@ def load_coco(root: str | os.PathLike, split: str = "train2017",
     return keep_existing(records, f"COCO {split}", {"captions that point to no image": orphans})
 
 
+KARPATHY_SPLITS = {"train": {"train", "restval"}, "restval": {"restval"}, "val": {"val"},
+                   "test": {"test"}}
+
+
 def load_karpathy(root: Path, split: str, karpathy_json) -> list[ImageCaptions]:
+    if split not in KARPATHY_SPLITS:
+        raise ValueError(f"Karpathy split {split!r}: use train (train + restval), restval, val or test")
     data = json.loads(Path(karpathy_json).read_text())
-    splits = {"train": {"train", "restval"}}.get(split, {split})
+    splits = KARPATHY_SPLITS[split]
     records = []
     for image in data["images"]:
         if image.get("split") in splits:
-            path = root / image.get("filepath", "") / image["filename"]
+            path = karpathy_image_path(root, image)
             image_id = str(image.get("cocoid", image.get("imgid", image["filename"])))
             captions = [s.get("raw") or " ".join(s["tokens"]) for s in image.get("sentences", [])]
             records.append(ImageCaptions(image_id, str(path), captions))
     return keep_existing(records, f"Karpathy {split}")
+
+
+def karpathy_image_path(root: Path, image: dict) -> Path:
+    """The split file names COCO 2014 files (val2014/COCO_val2014_<id>.jpg); COCO 2017 has the same
+    photos renamed <cocoid:012d>.jpg and regrouped into train2017/ and val2017/, found by cocoid."""
+    path = root / image.get("filepath", "") / image["filename"]
+    if path.is_file() or "cocoid" not in image:
+        return path
+    for folder in ("train2017", "val2017"):
+        candidate = root / folder / f"{int(image['cocoid']):012d}.jpg"
+        if candidate.is_file():
+            return candidate
+    return path
 
 
 class quiet_stdout:
@@ -197,6 +216,11 @@ def cache_key(backbone: str, cfg: PreprocessConfig, paths: list[str], variant: s
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def cache_files(cache_dir: str | os.PathLike, key: str) -> tuple[Path, Path]:
+    """One cache entry: the fp16 array and its completion marker (written last, with the mask)."""
+    return Path(cache_dir) / f"features-{key}.npy", Path(cache_dir) / f"features-{key}.json"
+
+
 def cached_features(encode, backbone: str, cfg: PreprocessConfig, paths: list[str],
                     cache_dir: str | os.PathLike, batch_size: int = 64, num_workers: int = 2,
                     variant: str = "", transform=None, shard: tuple[int, int] = (0, 1),
@@ -212,7 +236,7 @@ def cached_features(encode, backbone: str, cfg: PreprocessConfig, paths: list[st
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = cache_key(backbone, cfg, paths, variant)
-    array_path, done_path = cache_dir / f"features-{key}.npy", cache_dir / f"features-{key}.json"
+    array_path, done_path = cache_files(cache_dir, key)
     if done_path.is_file():
         ok = np.array(json.loads(done_path.read_text())["ok"], dtype=bool)
         return np.load(array_path, mmap_mode="r"), ok
@@ -245,7 +269,13 @@ def cached_features(encode, backbone: str, cfg: PreprocessConfig, paths: list[st
 
 def merge_feature_shards(cache_dir: Path, key: str, total: int, world: int) -> None:
     """Combine the per-rank parts into the memory-mapped array and mark the cache complete."""
-    parts = [np.load(cache_dir / f"features-{key}.rank{r}.npz") for r in range(world)]
+    part_paths = [cache_dir / f"features-{key}.rank{r}.npz" for r in range(world)]
+    missing = [p.name for p in part_paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"feature cache {cache_dir}: parts {missing} were not written here. On several machines "
+            "--cache-dir must be a shared folder, or run `captioner prepare` on each machine first")
+    parts = [np.load(p) for p in part_paths]
     dim = max((p["features"].shape[1] for p in parts if p["features"].size), default=0)
     array = np.lib.format.open_memmap(cache_dir / f"features-{key}.npy.tmp.npy", mode="w+",
                                       dtype=np.float16, shape=(total, dim))

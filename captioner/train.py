@@ -3,45 +3,57 @@ stops early, and resumes after a crash. The same code runs on one CPU, one GPU, 
 processes under torchrun (DistributedDataParallel: NCCL on GPUs, gloo on CPU).
 
 With a frozen CNN (the default) the image features are computed once into an on-disk cache and
-an epoch costs only the decoder. `fine_tune_cnn` trains end to end on augmented images.
+an epoch costs only the decoder. `fine_tune_cnn` trains the decoder on cached features for
+`fine_tune_after_epochs` epochs, then the CNN too (at its own, lower learning rate) on augmented
+images, as the Show and Tell authors did.
+
+What resuming relies on: the sampler's order depends only on (seed, epoch), augmentation only on
+(seed, epoch, item), and dropout on each rank's torch RNG, which last.safetensors keeps per rank.
+A run killed at any point and resumed continues exactly as the uninterrupted run would have.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
-import random
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .api import Captioner
-from .checkpoint import load_tensors, save_tensors, state_with_prefix, load_module_state
-from .config import DataConfig, DecodeConfig, ModelConfig, TrainConfig, from_dict, to_dict
-from .datasets import (CaptionTokens, ImageCaptions, cached_features, holdout_split,
-                       load_coco, load_flickr8k, merge_feature_shards, cache_key, pad_tokens)
-from .evaluate import score_captions
-from .model import caption_loss
+from .checkpoint import load_module_state, load_tensors, save_tensors, state_with_prefix
+from .config import DataConfig, DecodeConfig, ModelConfig, PreprocessConfig, TrainConfig, from_dict, to_dict
+from .datasets import (CaptionTokens, ImageCaptions, cache_files, cache_key, cached_features,
+                       holdout_split, load_coco, load_flickr8k, merge_feature_shards, pad_tokens)
+from .encoder import build_backbone
+from .evaluate import caption_records, score_captions
+from .model import CaptionDecoder, caption_loss
 from .preprocess import open_image, resize, to_tensor
 from .vocab import Vocabulary
 
 LAST_FILE, BEST_DIR, METRICS_FILE, CURVES_FILE = "last.safetensors", "best", "metrics.jsonl", "curves.png"
+VALIDATION_DECODE = DecodeConfig(method="greedy", max_len=20)
 
 
 # ---------------------------------------------------------------------------------------------
-# Distributed helpers: a world of one when not under torchrun.
+# Processes and devices: a world of one when not under torchrun.
 @dataclass
 class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    owns_group: bool = False     # this process created the process group, so it closes it
 
     @property
     def is_main(self) -> bool:
@@ -51,16 +63,50 @@ class World:
         if self.size > 1:
             dist.barrier()
 
+    def all_true(self, flag: bool) -> bool:
+        """The same answer on every rank: is flag true on all of them?"""
+        if self.size == 1:
+            return flag
+        flags = [None] * self.size
+        dist.all_gather_object(flags, bool(flag))
+        return all(flags)
 
-def init_world(device: str) -> World:
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def parse_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: not a device name (cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def init_world(device: torch.device) -> World:
+    """Join the process group torchrun describes in the environment (WORLD_SIZE, RANK, ...)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
-    if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend)
-    return World(rank=dist.get_rank(), size=dist.get_world_size(),
-                 local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    owns_group = not dist.is_initialized()
+    if owns_group and device.type == "cuda":
+        # One GPU per process; NCCL's collectives (barrier, all_gather_object) use the current one.
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+    elif owns_group:
+        dist.init_process_group("gloo")
+    return World(dist.get_rank(), dist.get_world_size(), local_rank, owns_group)
+
+
+def rank_device(device: torch.device, world: World) -> torch.device:
+    """Under torchrun every process drives the GPU of its local rank."""
+    if device.type == "cuda" and world.size > 1:
+        return torch.device("cuda", world.local_rank)
+    return device
 
 
 def default_cache_dir() -> Path:
@@ -69,6 +115,7 @@ def default_cache_dir() -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+# Data
 def load_splits(cfg: DataConfig, seed: int) -> tuple[list[ImageCaptions], list[ImageCaptions]]:
     """Train and validation records; COCO without a validation split holds out part of train."""
     if cfg.dataset == "flickr8k":
@@ -81,12 +128,112 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[list[ImageCaptions], list[I
     raise ValueError(f"unknown dataset {cfg.dataset!r} (flickr8k | coco)")
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def training_records(data_cfg: DataConfig, cfg: TrainConfig
+                     ) -> tuple[list[ImageCaptions], list[ImageCaptions]]:
+    """The exact records training uses (and `captioner prepare` caches): val_images caps val."""
+    train, val = load_splits(data_cfg, cfg.seed)
+    return train, val[: cfg.val_images] if cfg.val_images else val
 
 
+def feature_cache(encoder: nn.Module, backbone: str, preprocess_cfg: PreprocessConfig,
+                  records: list[ImageCaptions], cache_dir: Path, world: World,
+                  device: torch.device, num_workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """Memory-mapped fp16 features (N, D) of the records' images and a mask of the readable ones,
+    computed once: under torchrun each rank encodes 1/world of the images and rank 0 merges."""
+    encoder.eval()
+
+    @torch.inference_mode()
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        return encoder(images.to(device)).float()                    # (B, D)
+
+    paths = [r.path for r in records]
+    args = dict(cache_dir=cache_dir, batch_size=64, num_workers=num_workers)
+    if world.size > 1:
+        key = cache_key(backbone, preprocess_cfg, paths)
+        # Decided together: a rank that skipped the shards would leave the others at the barrier.
+        if not world.all_true(cache_files(cache_dir, key)[1].is_file()):
+            cached_features(encode, backbone, preprocess_cfg, paths, shard=(world.rank, world.size),
+                            progress=world.is_main, **args)
+            world.barrier()
+            if world.is_main:
+                merge_feature_shards(Path(cache_dir), key, len(paths), world.size)
+            world.barrier()
+    return cached_features(encode, backbone, preprocess_cfg, paths, progress=world.is_main, **args)
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (a (seed, epoch)-seeded shuffle, split into one shard per rank) that can
+    start an epoch part-way: resuming skips indices instead of loading batches and dropping them.
+
+    With batch B/world per rank, the ranks' k-th batches together are exactly the k-th batch of B
+    that a single process draws with the same seed, so the global batches do not depend on the
+    number of processes (up to the few repeated items that pad the last batch to equal shards)."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.start = 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class Augment:
+    """Random crop (80-100 % of each side) and horizontal flip for CNN fine-tuning.
+
+    The draw depends only on (seed, epoch, item), never on which worker or process loads the item
+    or on what ran before, so a resumed run sees exactly the images the uninterrupted one saw."""
+
+    def __init__(self, preprocess_cfg: PreprocessConfig, seed: int):
+        self.cfg, self.seed = preprocess_cfg, seed
+
+    def __call__(self, path: str, epoch: int, item: int) -> torch.Tensor:
+        rng = np.random.default_rng([self.seed, epoch, item])
+        image = open_image(path, self.cfg.image_size)
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        width, height = image.size
+        scale = rng.uniform(0.8, 1.0)
+        w, h = max(1, int(width * scale)), max(1, int(height * scale))
+        left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+        return to_tensor(resize(image.crop((left, top, left + w, top + h)), self.cfg), self.cfg)  # (3, S, S)
+
+
+class ImageTokens(Dataset):
+    """(augmented image, token ids) per caption, for end-to-end training; `epoch` is set by the
+    trainer before each epoch's loader starts (workers receive a copy at that moment)."""
+
+    def __init__(self, tokens: CaptionTokens, records: list[ImageCaptions], augment: Augment):
+        self.tokens, self.records, self.augment = tokens, records, augment
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i: int):
+        row, ids = self.tokens[i]
+        return self.augment(self.records[row].path, self.epoch, i), ids
+
+
+def feature_batch(batch, features: np.ndarray, pad_id: int):
+    rows = np.array([row for row, _ in batch])
+    inputs = torch.from_numpy(np.asarray(features[rows], dtype=np.float32))      # (B, D)
+    return inputs, pad_tokens([ids for _, ids in batch], pad_id)                   # (B, T)
+
+
+def image_batch(batch, pad_id: int):
+    images = torch.stack([image for image, _ in batch])                            # (B, 3, S, S)
+    return images, pad_tokens([ids for _, ids in batch], pad_id)                   # (B, T)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule and model wrapping
 def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     """Multiplier of the base learning rate at a global step: linear warm-up, then the schedule."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -100,199 +247,181 @@ def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     return 1.0
 
 
-class Augment:
-    """Training-time image augmentation for CNN fine-tuning (picklable for DataLoader workers)."""
+class EndToEnd(nn.Module):
+    """CNN + decoder as one module, so that DDP syncs both in one set of gradient buckets."""
 
-    def __init__(self, preprocess_cfg, seed: int):
-        self.cfg, self.seed = preprocess_cfg, seed
+    def __init__(self, encoder: nn.Module, decoder: CaptionDecoder):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
 
-    def __call__(self, path: str) -> torch.Tensor:
-        image = open_image(path, self.cfg.image_size)
-        rng = random.Random()
-        if rng.random() < 0.5:
-            image = image.transpose(0)   # horizontal flip
-        width, height = image.size
-        scale = rng.uniform(0.8, 1.0)
-        w, h = max(1, int(width * scale)), max(1, int(height * scale))
-        left, top = rng.randint(0, width - w), rng.randint(0, height - h)
-        return to_tensor(resize(image.crop((left, top, left + w, top + h)), self.cfg), self.cfg)
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(images), tokens)                          # (B, T, V)
 
-
-class ImageTokens(torch.utils.data.Dataset):
-    """(augmented image, tokens) pairs for end-to-end training."""
-
-    def __init__(self, tokens: CaptionTokens, records: list[ImageCaptions], augment: Augment):
-        self.tokens, self.records, self.augment = tokens, records, augment
-
-    def __len__(self):
-        return len(self.tokens)
-
-    def __getitem__(self, i):
-        row, ids = self.tokens[i]
-        return self.augment(self.records[row].path), ids
+    def train(self, mode: bool = True) -> "EndToEnd":
+        super().train(mode)
+        # BatchNorm keeps its ImageNet statistics (its scale and shift still learn): batches of a
+        # few images per process estimate them badly, and frozen statistics keep every rank's CNN
+        # identical without syncing buffers.
+        self.encoder.eval()
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
 class Trainer:
-    def __init__(self, model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig):
+    def __init__(self, model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig,
+                 world: World | None = None):
         self.cfg, self.data_cfg = cfg, data_cfg
         self.out = Path(cfg.output)
-        self.world = init_world(cfg.device)
-        self.device = torch.device(cfg.device if not cfg.device.startswith("cuda") or self.world.size == 1
-                                   else f"cuda:{self.world.local_rank}")
-        seed_everything(cfg.seed + self.world.rank)
-        self.train_records, self.val_records = load_splits(data_cfg, cfg.seed)
-        if cfg.val_images:
-            self.val_records = self.val_records[: cfg.val_images]
-        resume_from = self.out / LAST_FILE if cfg.resume and (self.out / LAST_FILE).is_file() else None
-        if cfg.resume and resume_from is None and self.world.is_main:
-            warnings.warn(f"--resume: no {self.out / LAST_FILE} yet, starting fresh", stacklevel=2)
-        if resume_from:
-            _, meta = load_tensors(resume_from)
-            vocab = Vocabulary(meta["vocab"])
-            model_cfg = from_dict(ModelConfig, meta["model"])
+        device = parse_device(cfg.device)
+        self.world = world or init_world(device)
+        self.device = rank_device(device, self.world)
+        self.train_records, self.val_records = training_records(data_cfg, cfg)
+        resume = self.read_last()
+        if resume:
+            vocab = Vocabulary(resume[1]["vocab"])
+            model_cfg = from_dict(ModelConfig, resume[1]["model"])
         else:
             vocab = Vocabulary.build((c for r in self.train_records for c in r.captions),
                                      data_cfg.min_word_count)
+        # The same initial weights in every process, and the same as a one-process run.
+        torch.manual_seed(cfg.seed)
         self.captioner = Captioner.create(model_cfg, vocab, pretrained=True)
+        self.captioner.encoder.requires_grad_(cfg.fine_tune_cnn)
         self.captioner.info = {"dataset": data_cfg.dataset, "train": to_dict(cfg), "data": to_dict(data_cfg)}
         self.captioner.to(self.device)
         self.vocab, self.model_cfg = vocab, self.captioner.model_cfg
         self.decoder = self.captioner.decoders[0]
         self.prepare_data()
         self.build_optimizer()
+        # Dropout masks differ between ranks, as they do between the items of one big batch. Seeded
+        # after the feature cache: building it draws from the RNG, and a rerun finds it built.
+        torch.manual_seed(cfg.seed + self.world.rank)
         self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_cider": -1.0,
-                      "bad_epochs": 0, "stopped": False}
-        if resume_from:
-            self.load_last(resume_from)
+                      "bad_epochs": 0, "stopped": False, "epoch_loss_sum": 0.0, "epoch_loss_steps": 0}
+        self.model: nn.Module | None = None      # what train_step runs: decoder or EndToEnd, maybe in DDP
+        self.uses_images = False
+        if resume:
+            self.load_last(*resume)
 
     # -- data ---------------------------------------------------------------------------------
-    def features_for(self, records: list[ImageCaptions]) -> tuple[np.ndarray, np.ndarray]:
-        cache_dir = Path(self.cfg.cache_dir) if self.cfg.cache_dir else default_cache_dir()
-        paths = [r.path for r in records]
-        backbone, pre = self.model_cfg.backbone, self.captioner.preprocess_cfg
-        encoder = self.captioner.encoder.eval()
-
-        @torch.inference_mode()
-        def encode(images):
-            return encoder(images.to(self.device)).float()
-
-        args = dict(cache_dir=cache_dir, batch_size=64, num_workers=self.cfg.num_workers,
-                    progress=self.world.is_main)
-        if self.world.size == 1:
-            return cached_features(encode, backbone, pre, paths, **args)
-        key = cache_key(backbone, pre, paths)
-        if not (cache_dir / f"features-{key}.json").is_file():
-            # Each rank encodes its share of the images; rank 0 merges them.
-            cached_features(encode, backbone, pre, paths, shard=(self.world.rank, self.world.size), **args)
-            self.world.barrier()
-            if self.world.is_main:
-                merge_feature_shards(cache_dir, key, len(paths), self.world.size)
-            self.world.barrier()
-        return cached_features(encode, backbone, pre, paths, **{**args, "progress": False})
-
     def prepare_data(self) -> None:
         cfg = self.cfg
-        max_len = self.data_cfg.max_caption_len
-        if cfg.fine_tune_cnn:
-            self.train_features = self.val_features = None
-            usable = None
-        else:
-            self.train_features, usable = self.features_for(self.train_records)
-            self.val_features, self.val_usable = self.features_for(self.val_records)
-        self.tokens = CaptionTokens(self.train_records, self.vocab, max_len, usable)
+        if cfg.batch_size % self.world.size:
+            raise ValueError(f"--batch-size {cfg.batch_size} is the global batch: it must be a "
+                             f"multiple of the number of processes ({self.world.size})")
+        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        features = partial(feature_cache, self.captioner.encoder, self.model_cfg.backbone,
+                           self.captioner.preprocess_cfg, cache_dir=cache_dir, world=self.world,
+                           device=self.device, num_workers=cfg.num_workers)
+        # Cached features train the decoder while the CNN is frozen (when fine-tuning: the settling
+        # epochs), and their mask of readable images decides which images fine-tuning reads.
+        self.train_features, usable = features(self.train_records)
+        self.val_features, self.val_usable = features(self.val_records)
+        self.tokens = CaptionTokens(self.train_records, self.vocab, self.data_cfg.max_caption_len, usable)
         if len(self.tokens) == 0:
-            raise RuntimeError("no training captions with a readable image")
-        self.sampler = DistributedSampler(self.tokens, num_replicas=self.world.size, rank=self.world.rank,
-                                          shuffle=True, seed=cfg.seed, drop_last=False)
-        per_rank = max(1, cfg.batch_size // self.world.size)
+            raise ValueError("no training captions with a readable image")
+        self.per_rank = cfg.batch_size // self.world.size
+        self.sampler = ResumableSampler(self.tokens, self.world.size, self.world.rank, cfg.seed)
+        self.steps_per_epoch = math.ceil(self.sampler.num_samples / self.per_rank)
+        # Private generators: starting a loader must not draw from the global torch RNG, which
+        # drives dropout and is restored on resume.
+        self.feature_loader = DataLoader(
+            self.tokens, batch_size=self.per_rank, sampler=self.sampler, generator=torch.Generator(),
+            collate_fn=partial(feature_batch, features=self.train_features, pad_id=self.vocab.pad_id))
         if cfg.fine_tune_cnn:
-            dataset = ImageTokens(self.tokens, self.train_records,
-                                  Augment(self.captioner.preprocess_cfg, cfg.seed))
-            collate = self.collate_images
-            workers = cfg.num_workers
-        else:
-            dataset, collate, workers = self.tokens, self.collate_features, 0
-        self.loader = DataLoader(dataset, batch_size=per_rank, sampler=self.sampler,
-                                 collate_fn=collate, num_workers=workers)
-        self.steps_per_epoch = len(self.loader)
+            self.images = ImageTokens(self.tokens, self.train_records,
+                                      Augment(self.captioner.preprocess_cfg, cfg.seed))
+            self.image_loader = DataLoader(
+                self.images, batch_size=self.per_rank, sampler=self.sampler, generator=torch.Generator(),
+                collate_fn=partial(image_batch, pad_id=self.vocab.pad_id), num_workers=cfg.num_workers,
+                pin_memory=self.device.type == "cuda")
 
-    def collate_features(self, batch):
-        rows = np.array([row for row, _ in batch])
-        features = torch.from_numpy(np.asarray(self.train_features[rows], dtype=np.float32))  # (B, D)
-        return features, pad_tokens([ids for _, ids in batch], self.vocab.pad_id)
+    def begin_epoch(self, epoch: int) -> DataLoader:
+        """Position the sampler (part-way into the epoch after a resume), choose cached features
+        or images for this epoch, and wrap the model to match."""
+        self.sampler.set_position(epoch, self.state["step_in_epoch"] * self.per_rank)
+        uses_images = self.cfg.fine_tune_cnn and epoch >= self.cfg.fine_tune_after_epochs
+        if self.model is None or uses_images != self.uses_images:
+            self.model, self.uses_images = self.wrap(uses_images), uses_images
+        if uses_images:
+            self.images.epoch = epoch
+            return self.image_loader
+        return self.feature_loader
 
-    def collate_images(self, batch):
-        return torch.stack([img for img, _ in batch]), pad_tokens([ids for _, ids in batch], self.vocab.pad_id)
+    def wrap(self, uses_images: bool) -> nn.Module:
+        module = EndToEnd(self.captioner.encoder, self.decoder) if uses_images else self.decoder
+        if self.world.size == 1:
+            return module
+        # Every parameter takes part in every step, so no find_unused_parameters (a graph walk per
+        # step): the frozen phase leaves the CNN out of the wrapped module instead.
+        return DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda"
+                                       else None)
 
     # -- optimisation -------------------------------------------------------------------------
     def build_optimizer(self) -> None:
         cfg = self.cfg
-        self.model = self.decoder
-        if self.world.size > 1:
-            self.model = DistributedDataParallel(self.decoder, device_ids=[self.device.index]
-                                                 if self.device.type == "cuda" else None)
         groups = [{"params": list(self.decoder.parameters()), "lr": cfg.lr, "name": "decoder"}]
         if cfg.fine_tune_cnn:
-            self.encoder_ddp = self.captioner.encoder
-            if self.world.size > 1:
-                self.encoder_ddp = DistributedDataParallel(self.captioner.encoder,
-                                                           device_ids=[self.device.index] if self.device.type == "cuda" else None)
             groups.append({"params": list(self.captioner.encoder.parameters()), "lr": cfg.cnn_lr, "name": "cnn"})
         self.optimizer = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
+        self.params = [p for g in groups for p in g["params"]]
         self.base_lrs = [g["lr"] for g in groups]
         self.use_amp = cfg.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
 
     def set_lr(self) -> None:
         factor = lr_factor(self.cfg, self.state["global_step"], self.steps_per_epoch)
-        cnn_on = self.cfg.fine_tune_cnn and self.state["epoch"] >= self.cfg.fine_tune_after_epochs
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * factor if (group["name"] == "decoder" or cnn_on) else 0.0
+            group["lr"] = base * factor if (group["name"] == "decoder" or self.uses_images) else 0.0
 
     def train_step(self, inputs: torch.Tensor, tokens: torch.Tensor) -> float:
-        cfg = self.cfg
-        self.decoder.train()
-        inputs, tokens = inputs.to(self.device, non_blocking=True), tokens.to(self.device, non_blocking=True)
+        """One optimiser step on this rank's share of the global batch; returns the mean loss
+        per word over the whole global batch."""
+        cfg, pad_id = self.cfg, self.vocab.pad_id
         self.set_lr()
+        self.model.train()
+        inputs = inputs.to(self.device, non_blocking=True)     # features (B, D) or images (B, 3, S, S)
+        tokens = tokens.to(self.device, non_blocking=True)     # (B, T)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
-            if cfg.fine_tune_cnn:
-                cnn_on = self.state["epoch"] >= cfg.fine_tune_after_epochs
-                self.captioner.encoder.train(cnn_on)
-                with torch.set_grad_enabled(cnn_on):
-                    features = self.encoder_ddp(inputs)
-            else:
-                features = inputs
-            logits = self.model(features, tokens)                              # (B, T, V)
-            loss = caption_loss(logits, tokens, self.vocab.pad_id, cfg.label_smoothing)
+            logits = self.model(inputs, tokens)                # (B, T, V)
+        loss = caption_loss(logits, tokens, pad_id, cfg.label_smoothing)   # mean over this rank's words
+        words = (tokens[:, 1:] != pad_id).sum()
+        loss_sum = loss * words
+        totals = torch.stack([loss_sum.detach(), words.to(loss.dtype)])     # (2,) loss sum, word count
+        if self.world.size > 1:
+            dist.all_reduce(totals)
+        # DDP averages gradients over the ranks, so scaling by size / (all ranks' words) makes the
+        # update the gradient of the mean loss over every word of the global batch: the step one
+        # process takes on the whole batch, however the words are spread over the ranks.
+        objective = loss_sum * (self.world.size / totals[1])
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(objective).backward()
         self.scaler.unscale_(self.optimizer)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return float(loss.detach())
+        return float(totals[0] / totals[1])
 
     # -- validation ---------------------------------------------------------------------------
     @torch.inference_mode()
     def validate(self) -> dict[str, float]:
-        """Greedy captions of the validation images (sharded over ranks) -> BLEU-4 and CIDEr."""
+        """Greedy captions of the validation images, each rank captioning its share, scored on
+        rank 0 (BLEU-4, CIDEr) once all captions are gathered; every rank gets the scores."""
         self.captioner.eval()
-        mine = list(range(self.world.rank, len(self.val_records), self.world.size))
-        greedy = DecodeConfig(method="greedy", max_len=20)
-        captions: dict[str, str] = {}
-        if self.val_features is not None:
-            mine = [i for i in mine if self.val_usable[i]]
-            for start in range(0, len(mine), 256):
-                rows = mine[start:start + 256]
-                features = torch.from_numpy(np.asarray(self.val_features[rows], dtype=np.float32))
-                for i, cap in zip(rows, self.captioner.caption_features(features.to(self.device), greedy)):
-                    captions[self.val_records[i].image_id] = cap.text
+        mine = range(self.world.rank, len(self.val_records), self.world.size)
+        if self.uses_images:
+            # The CNN has changed since the cache was made: encode the images again.
+            captions = caption_records(self.captioner, [self.val_records[i] for i in mine],
+                                       VALIDATION_DECODE, num_workers=self.cfg.num_workers, progress=False)
         else:
-            from .evaluate import caption_records
-            captions = caption_records(self.captioner, [self.val_records[i] for i in mine], greedy,
-                                       num_workers=self.cfg.num_workers, progress=False)
+            rows = [i for i in mine if self.val_usable[i]]
+            captions = {}
+            for start in range(0, len(rows), 256):
+                chunk = rows[start:start + 256]
+                features = torch.from_numpy(np.asarray(self.val_features[chunk], dtype=np.float32))  # (n, D)
+                for i, cap in zip(chunk, self.captioner.caption_features(features.to(self.device),
+                                                                          VALIDATION_DECODE)):
+                    captions[self.val_records[i].image_id] = cap.text
         if self.world.size > 1:
             gathered = [None] * self.world.size
             dist.all_gather_object(gathered, captions)
@@ -308,13 +437,28 @@ class Trainer:
         return scores
 
     # -- checkpoints --------------------------------------------------------------------------
+    def rng_states(self) -> list[dict[str, torch.Tensor]]:
+        """Every rank's torch RNG state (CPU, and the GPU's on CUDA), gathered on all ranks."""
+        mine = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            mine["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.world.size == 1:
+            return [mine]
+        states = [None] * self.world.size
+        dist.all_gather_object(states, mine)
+        return states
+
     def save_last(self) -> None:
-        """Everything needed to continue: weights, optimizer, RNG, epoch and position."""
+        """Everything needed to continue: weights, optimizer, schedule position, every rank's RNG.
+        All ranks call it (the RNG states are gathered); rank 0 writes."""
+        rng = self.rng_states()
         if not self.world.is_main:
             return
         tensors = state_with_prefix("decoders.0.", self.decoder)
         if self.cfg.fine_tune_cnn:
             tensors.update(state_with_prefix("encoder.", self.captioner.encoder))
+        # safetensors holds tensors only: Adam's per-parameter tensors (step, exp_avg, exp_avg_sq)
+        # go there, its param_groups and any non-tensor state into the JSON header.
         optimizer_state = self.optimizer.state_dict()
         optim_json = {"param_groups": optimizer_state["param_groups"], "scalars": {}}
         for idx, slots in optimizer_state["state"].items():
@@ -323,40 +467,49 @@ class Trainer:
                     tensors[f"optimizer.{idx}.{name}"] = value
                 else:
                     optim_json["scalars"][f"{idx}.{name}"] = value
-        tensors["rng.torch"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            tensors["rng.cuda"] = torch.cuda.get_rng_state()
-        py_state = random.getstate()
-        meta = {**self.captioner.header(), "trainer": self.state, "optimizer": optim_json,
-                "scaler": self.scaler.state_dict() if self.use_amp else {},
-                "rng_python": [py_state[0], list(py_state[1]), py_state[2]],
-                "rng_numpy_seed": int(np.random.get_state()[1][0])}
+        for rank, states in enumerate(rng):
+            tensors.update({f"rng.{kind}.{rank}": state for kind, state in states.items()})
+        meta = {**self.captioner.header(), "trainer": {**self.state, "world_size": self.world.size},
+                "optimizer": optim_json, "scaler": self.scaler.state_dict() if self.use_amp else {}}
         save_tensors(self.out / LAST_FILE, tensors, meta)
 
-    def load_last(self, path: Path) -> None:
-        tensors, meta = load_tensors(path)
-        load_module_state(self.decoder, tensors, "decoders.0.", str(path))
+    def read_last(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+        path = self.out / LAST_FILE
+        if not self.cfg.resume:
+            return None
+        if not path.is_file():
+            if self.world.is_main:
+                warnings.warn(f"--resume: no {path} yet, starting fresh", stacklevel=3)
+            return None
+        return load_tensors(path)
+
+    def load_last(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        source = str(self.out / LAST_FILE)
+        load_module_state(self.decoder, tensors, "decoders.0.", source)
         if self.cfg.fine_tune_cnn and any(k.startswith("encoder.") for k in tensors):
-            load_module_state(self.captioner.encoder, tensors, "encoder.", str(path))
-        optim_json = meta["optimizer"]
+            load_module_state(self.captioner.encoder, tensors, "encoder.", source)
         state: dict[int, dict] = {}
         for key, value in tensors.items():
             if key.startswith("optimizer."):
                 _, idx, name = key.split(".", 2)
-                state.setdefault(int(idx), {})[name] = value.to(self.device)
-        for key, value in optim_json["scalars"].items():
+                state.setdefault(int(idx), {})[name] = value
+        for key, value in meta["optimizer"]["scalars"].items():
             idx, name = key.split(".", 1)
             state.setdefault(int(idx), {})[name] = value
-        # safetensors loads floats as float32 (load_tensors); Adam's `step` must stay float32 too.
-        self.optimizer.load_state_dict({"state": state, "param_groups": optim_json["param_groups"]})
+        # load_state_dict moves each slot to its parameter's device (and keeps `step` as Adam wants).
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
         if meta.get("scaler") and self.use_amp:
             self.scaler.load_state_dict(meta["scaler"])
-        torch.set_rng_state(tensors["rng.torch"].to(torch.uint8))
-        if "rng.cuda" in tensors and torch.cuda.is_available():
-            torch.cuda.set_rng_state(tensors["rng.cuda"].to(torch.uint8))
-        version, internal, gauss = meta["rng_python"]
-        random.setstate((version, tuple(internal), gauss))
-        self.state.update(meta["trainer"])
+        trainer = meta["trainer"]
+        self.state.update({k: v for k, v in trainer.items() if k in self.state})
+        rank = self.world.rank
+        if trainer.get("world_size") == self.world.size and f"rng.cpu.{rank}" in tensors:
+            torch.set_rng_state(tensors[f"rng.cpu.{rank}"])
+            if self.device.type == "cuda" and f"rng.cuda.{rank}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"rng.cuda.{rank}"], self.device)
+        else:
+            # Another number of processes than the saved run: new, still seeded dropout streams.
+            torch.manual_seed(self.cfg.seed + rank + 1_000_003 * self.state["global_step"])
 
     def save_best(self, scores: dict[str, float]) -> None:
         if self.world.is_main:
@@ -364,10 +517,9 @@ class Trainer:
                                                             "epoch": self.state["epoch"]})
 
     def log(self, record: dict) -> None:
-        if not self.world.is_main:
-            return
-        with open(self.out / METRICS_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.world.is_main:
+            with open(self.out / METRICS_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self) -> Path:
@@ -380,45 +532,48 @@ class Trainer:
                 {"model": to_dict(self.model_cfg), "data": to_dict(self.data_cfg), "train": to_dict(cfg),
                  "world_size": self.world.size}, indent=2))
         while state["epoch"] < cfg.epochs and not state["stopped"]:
-            epoch = state["epoch"]
-            self.sampler.set_epoch(epoch)
-            skip = state["step_in_epoch"]
-            started, losses = time.time(), []
-            bar = tqdm(total=self.steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            epoch, first = state["epoch"], state["step_in_epoch"]
+            loader = self.begin_epoch(epoch)
+            started, recent = time.time(), []
+            bar = tqdm(total=self.steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        unit="batch", disable=not self.world.is_main, dynamic_ncols=True)
-            for i, (inputs, tokens) in enumerate(self.loader):
-                if i < skip:
-                    continue     # resuming mid-epoch: same permutation, continue where we were
-                losses.append(self.train_step(inputs, tokens))
+            for i, (inputs, tokens) in enumerate(loader, start=first):
+                recent.append(self.train_step(inputs, tokens))
                 state["step_in_epoch"], state["global_step"] = i + 1, state["global_step"] + 1
-                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}",
+                state["epoch_loss_sum"] += recent[-1]
+                state["epoch_loss_steps"] += 1
+                bar.set_postfix(loss=f"{np.mean(recent[-50:]):.3f}",
                                 lr=f"{self.optimizer.param_groups[0]['lr']:.1e}")
                 bar.update(1)
                 if cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0:
                     self.save_last()
                     self.log({"step": state["global_step"], "epoch": epoch + (i + 1) / self.steps_per_epoch,
-                              "train_loss": float(np.mean(losses[-cfg.checkpoint_every:]))})
+                              "train_loss": float(np.mean(recent[-cfg.checkpoint_every:]))})
             bar.close()
             train_seconds = time.time() - started
             scores = self.validate()
-            improved = scores.get("CIDEr", -1.0) > state["best_cider"]
+            cider = scores.get("CIDEr")
+            # No scores (no readable validation image): nothing to stop on, keep the latest weights.
+            improved = cider is None or cider > state["best_cider"]
             if improved:
-                state["best_cider"], state["bad_epochs"] = scores["CIDEr"], 0
                 self.save_best(scores)
-            else:
+            if cider is not None and improved:
+                state["best_cider"], state["bad_epochs"] = cider, 0
+            elif cider is not None:
                 state["bad_epochs"] += 1
             state["stopped"] = state["bad_epochs"] >= cfg.patience
-            state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+            steps = state["epoch_loss_steps"]
             record = {"epoch": epoch + 1, "step": state["global_step"],
-                      "train_loss": float(np.mean(losses)) if losses else None,
-                      "val_BLEU-4": scores.get("BLEU-4"), "val_CIDEr": scores.get("CIDEr"),
+                      "train_loss": state["epoch_loss_sum"] / steps if steps else None,
+                      "val_BLEU-4": scores.get("BLEU-4"), "val_CIDEr": cider,
                       "lr": self.optimizer.param_groups[0]["lr"], "epoch_seconds": round(train_seconds, 1)}
+            state.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0, epoch_loss_steps=0)
             self.log(record)
             self.save_last()
             if self.world.is_main:
-                print(f"epoch {epoch + 1}: loss {record['train_loss']:.3f}  val BLEU-4 "
-                      f"{scores.get('BLEU-4', 0):.4f}  CIDEr {scores.get('CIDEr', 0):.4f}"
-                      f"{'  (best)' if improved else ''}  {train_seconds:.0f}s", flush=True)
+                loss_text = f"{record['train_loss']:.3f}" if steps else "-"
+                print(f"epoch {epoch + 1}: loss {loss_text}  val BLEU-4 {scores.get('BLEU-4', 0):.4f}  "
+                      f"CIDEr {cider or 0:.4f}{'  (best)' if improved else ''}  {train_seconds:.0f}s", flush=True)
                 plot_curves(self.out / METRICS_FILE, self.out / CURVES_FILE)
         self.world.barrier()
         return self.out / BEST_DIR
@@ -450,4 +605,31 @@ def plot_curves(metrics_file: Path, png: Path) -> None:
 
 def fit(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig) -> Path:
     """Train and return the folder of the best checkpoint."""
-    return Trainer(model_cfg, data_cfg, train_cfg).fit()
+    world = init_world(parse_device(train_cfg.device))
+    try:
+        return Trainer(model_cfg, data_cfg, train_cfg, world).fit()
+    finally:
+        world.close()
+
+
+def prepare_features(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig
+                     ) -> dict[str, tuple[int, int]]:
+    """Build the feature cache that `captioner train` with the same options reads (same records,
+    backbone, preprocessing, hence the same cache keys), sharded over the processes under
+    torchrun. Returns {"train" | "val": (readable images, images)}."""
+    device = parse_device(cfg.device)
+    world = init_world(device)
+    try:
+        device = rank_device(device, world)
+        train, val = training_records(data_cfg, cfg)
+        backbone = build_backbone(model_cfg.backbone, pretrained=True)
+        backbone.module.to(device)
+        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        counts = {}
+        for split, records in (("train", train), ("val", val)):
+            _, readable = feature_cache(backbone.module, model_cfg.backbone, backbone.preprocess, records,
+                                        cache_dir, world, device, cfg.num_workers)
+            counts[split] = (int(readable.sum()), len(records))
+        return counts
+    finally:
+        world.close()

@@ -1,0 +1,216 @@
+"""Training pieces in one process: schedule, sampler, augmentation, COCO/Karpathy loading, the
+feature cache and `captioner prepare`, the resumable checkpoint, CNN fine-tuning, clear errors.
+(torchrun runs are in test_distributed.py.)"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from captioner import cli, datasets
+from captioner.config import DataConfig, ModelConfig, PreprocessConfig, TrainConfig
+from captioner.datasets import load_coco
+from captioner.encoder import build_backbone
+from captioner.train import Augment, ResumableSampler, Trainer, lr_factor
+from train_fixtures import (COCO_TINY, checkpoint_tensors, karpathy_split, max_difference,
+                            requires_java, train_args)
+
+TESTS = Path(__file__).resolve().parent
+COCO_MINI = TESTS.parent.parent / "shared" / "data" / "coco-mini"
+
+
+# -- schedule, sampler, augmentation ----------------------------------------------------------
+def test_lr_warms_up_linearly_then_follows_the_cosine_to_5_percent():
+    cfg = TrainConfig(epochs=2, warmup_steps=10, lr_schedule="cosine")
+    factors = [lr_factor(cfg, step, steps_per_epoch=55) for step in range(110)]
+    assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert factors[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert lr_factor(cfg, 110, 55) == pytest.approx(0.05)
+    step_cfg = TrainConfig(lr_schedule="step", lr_step_epochs=2, lr_step_gamma=0.5, warmup_steps=0)
+    assert [lr_factor(step_cfg, e * 10, 10) for e in range(5)] == [1.0, 1.0, 0.5, 0.5, 0.25]
+
+
+def test_rank_shards_together_are_the_single_process_batches_and_resume_skips_indices():
+    items = list(range(20))
+    single = list(ResumableSampler(items, num_replicas=1, rank=0, seed=7))
+    assert sorted(single) == items and single != items          # a permutation, shuffled
+    shards = [list(ResumableSampler(items, num_replicas=2, rank=r, seed=7)) for r in range(2)]
+    for k in range(5):     # global batch 4 = 2 per rank
+        assert sorted(shards[0][2 * k:2 * k + 2] + shards[1][2 * k:2 * k + 2]) == sorted(single[4 * k:4 * k + 4])
+
+    sampler = ResumableSampler(items, num_replicas=2, rank=1, seed=7)
+    sampler.set_position(epoch=3, start=4)
+    tail = list(sampler)
+    sampler.set_position(epoch=3, start=0)
+    assert tail == list(sampler)[4:] and len(tail) == 6
+    sampler.set_position(epoch=4, start=0)
+    assert list(sampler) != list(ResumableSampler(items, 2, 1, seed=7))   # reshuffled per epoch
+
+
+def test_augmentation_depends_only_on_seed_epoch_and_item():
+    image = str(COCO_TINY / "train2017" / "000000159269.jpg")
+    augment = Augment(PreprocessConfig(image_size=64), seed=5)
+    first = augment(image, epoch=2, item=11)
+    assert first.shape == (3, 64, 64)
+    assert torch.equal(first, Augment(PreprocessConfig(image_size=64), seed=5)(image, epoch=2, item=11))
+    others = [augment(image, epoch=e, item=i) for e, i in [(3, 11), (2, 12), (4, 0), (5, 1)]]
+    assert not any(torch.equal(first, other) for other in others)
+
+
+# -- COCO loaders ----------------------------------------------------------------------------
+def test_karpathy_split_file_on_the_fixture(tmp_path):
+    split_file = COCO_TINY / "dataset_coco.json"
+    entries = json.loads(split_file.read_text())["images"]
+    train = load_coco(COCO_TINY, "train", split_file)
+    expected = {str(e["cocoid"]) for e in entries if e["split"] in ("train", "restval")}
+    assert {r.image_id for r in train} == expected                  # train includes restval
+    assert all(len(r.captions) == 5 and os.path.isfile(r.path) for r in train)
+    assert [r.image_id for r in load_coco(COCO_TINY, "val", split_file)] == [
+        str(e["cocoid"]) for e in entries if e["split"] == "val"]
+    with pytest.raises(ValueError, match="Karpathy split 'train2017'"):
+        load_coco(COCO_TINY, "train2017", split_file)
+
+
+def test_karpathy_2014_names_find_coco_2017_files(tmp_path):
+    """The real split file names train2014/COCO_train2014_<id>.jpg; COCO 2017 has <id>.jpg."""
+    data = json.loads((COCO_TINY / "dataset_coco.json").read_text())
+    for entry in data["images"]:
+        entry["filepath"] = "val2014"
+        entry["filename"] = f"COCO_val2014_{entry['cocoid']:012d}.jpg"
+    (tmp_path / "dataset_coco.json").write_text(json.dumps(data))
+    records = load_coco(COCO_TINY, "test", tmp_path / "dataset_coco.json")
+    assert records and all(Path(r.path).parent == COCO_TINY / "train2017" for r in records)
+
+
+@pytest.mark.skipif(not COCO_MINI.is_dir(), reason=f"needs the real COCO files in {COCO_MINI}")
+def test_coco_loader_on_coco_mini(tmp_path):
+    records = load_coco(COCO_MINI, "train2017")
+    assert len(records) == 80 and sum(len(r.captions) for r in records) == 400
+    assert all(os.path.isfile(r.path) for r in records)
+    # The same photos through a split file in the real 2014 naming (as dataset_coco.json has it).
+    karpathy = {"dataset": "coco", "images": [
+        {"filepath": "train2014", "filename": f"COCO_train2014_{int(r.image_id):012d}.jpg",
+         "cocoid": int(r.image_id), "imgid": i, "split": "train" if i % 8 else "val",
+         "sentences": [{"raw": c, "tokens": c.lower().split()} for c in r.captions]}
+        for i, r in enumerate(records)]}
+    (tmp_path / "dataset_coco.json").write_text(json.dumps(karpathy))
+    train = load_coco(COCO_MINI, "train", tmp_path / "dataset_coco.json")
+    val = load_coco(COCO_MINI, "val", tmp_path / "dataset_coco.json")
+    assert (len(train), len(val)) == (70, 10)
+    assert {r.path for r in train + val} == {r.path for r in records}
+
+
+# -- feature cache and `captioner prepare` ---------------------------------------------------
+def small_configs(tmp_path: Path, split: Path, **train) -> tuple[ModelConfig, DataConfig, TrainConfig]:
+    values = dict(output=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), epochs=1, batch_size=4,
+                  lr=1e-2, warmup_steps=0, checkpoint_every=0, num_workers=0, seed=3)
+    return (ModelConfig(embed_dim=32, hidden_dim=32, dropout=0.3),
+            DataConfig(dataset="coco", data_root=str(COCO_TINY), train_split="train", val_split="val",
+                       karpathy_json=str(split), min_word_count=1),
+            TrainConfig(**{**values, **train}))
+
+
+def test_prepare_builds_the_memory_mapped_cache_that_training_reads(tmp_path, capsys, monkeypatch):
+    split = karpathy_split(tmp_path)
+    assert cli.main(["prepare", "--dataset", "coco", "--data-root", str(COCO_TINY), "--karpathy-json",
+                     str(split), "--cache-dir", str(tmp_path / "cache"), "--num-workers", "0"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["train: 4 of 4 images cached", "val: 1 of 1 images cached"]
+    files = sorted((tmp_path / "cache").iterdir())
+    assert len(files) == 4                              # (array, completion marker) x (train, val)
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("training encoded images although prepare had cached them")
+    monkeypatch.setattr(datasets, "image_loader", no_encoding)
+    trainer = Trainer(*small_configs(tmp_path, split))
+    assert isinstance(trainer.train_features, np.memmap) and trainer.train_features.dtype == np.float16
+    assert trainer.train_features.shape == (4, 1280) and trainer.val_usable.tolist() == [True]
+    assert sorted((tmp_path / "cache").iterdir()) == files
+
+
+# -- resumable checkpoint --------------------------------------------------------------------
+@requires_java
+def test_last_checkpoint_restores_optimizer_rng_and_position(tmp_path):
+    split = karpathy_split(tmp_path)
+    model_cfg, data_cfg, cfg = small_configs(tmp_path, split)
+    trainer = Trainer(model_cfg, data_cfg, cfg)
+    trainer.fit()
+    rng = torch.get_rng_state()
+    saved = trainer.optimizer.state_dict()
+
+    resumed = Trainer(model_cfg, data_cfg, TrainConfig(**{**vars(cfg), "resume": True}))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert resumed.state == trainer.state and resumed.state["global_step"] == 5
+    loaded = resumed.optimizer.state_dict()
+    assert json.loads(json.dumps(loaded["param_groups"])) == json.loads(json.dumps(saved["param_groups"]))
+    assert loaded["state"].keys() == saved["state"].keys() and len(saved["state"]) == len(trainer.params)
+    for idx, slots in saved["state"].items():
+        for name, value in slots.items():
+            assert torch.equal(loaded["state"][idx][name], value), (idx, name)
+    assert max_difference(resumed.decoder.state_dict(), trainer.decoder.state_dict()) == 0.0
+
+
+@requires_java
+def test_kill_and_resume_in_one_process_matches_uninterrupted(tmp_path):
+    """kill -9 (rank 0 of a world of one) after step 8, resume from the step-6 checkpoint, in the
+    fine-tuning epoch: with dropout 0.3 and augmentation the result is bit-identical only if the
+    RNG state came back and the augmentation does not depend on it."""
+    split, cache = karpathy_split(tmp_path), tmp_path / "cache"
+    options = dict(dropout=0.3, fine_tune_cnn=True, fine_tune_after_epochs=1, cnn_lr=1e-3)
+    assert cli.main(train_args(split, tmp_path / "whole", cache, **options)) == 0
+    killed = subprocess.run([sys.executable, str(TESTS / "distributed_worker.py")]
+                            + train_args(split, tmp_path / "killed", cache, **options),
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "TEST_KILL_AT_STEP": "8"},
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert cli.main(train_args(split, tmp_path / "killed", cache, resume=True, **options)) == 0
+    whole = checkpoint_tensors(tmp_path / "whole" / "last.safetensors", "")
+    result = checkpoint_tensors(tmp_path / "killed" / "last.safetensors", "")
+    assert any(k.startswith("encoder.") for k in whole)
+    assert max_difference(whole, result) == 0.0
+    epochs = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_loss"] for r in epochs if "val_CIDEr" in r] == [r["train_loss"] for r in expected if "val_CIDEr" in r]
+
+
+# -- CNN fine-tuning -------------------------------------------------------------------------
+@requires_java
+def test_the_cnn_stays_frozen_during_the_settling_epochs(tmp_path):
+    split, cache = karpathy_split(tmp_path), tmp_path / "cache"
+    assert cli.main(train_args(split, tmp_path / "run", cache, fine_tune_cnn=True, fine_tune_after_epochs=1,
+                               cnn_lr=1e-2, epochs=1)) == 0
+    pretrained = build_backbone("efficientnet_lite0", pretrained=True).module.state_dict()
+    settled = checkpoint_tensors(tmp_path / "run" / "last.safetensors", "encoder.")
+    assert max_difference(settled, {f"encoder.{k}": v for k, v in pretrained.items()}) == 0.0
+    # (test_distributed checks that the CNN does learn afterwards, BatchNorm statistics aside)
+
+
+# -- clear errors ----------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys):
+    split = karpathy_split(tmp_path)
+    assert cli.main(train_args(split, tmp_path / "run", tmp_path / "cache", device="cuda")) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_a_coco_split_name_with_a_karpathy_file_is_a_clear_error(tmp_path, capsys):
+    split = karpathy_split(tmp_path)
+    assert cli.main(train_args(split, tmp_path / "run", tmp_path / "cache", train_split="train2017")) == 2
+    assert "Karpathy split 'train2017'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="mixed precision runs on CUDA only")
+@requires_java
+def test_mixed_precision_on_cuda(tmp_path):
+    split = karpathy_split(tmp_path)
+    model_cfg, data_cfg, cfg = small_configs(tmp_path, split, device="cuda")
+    trainer = Trainer(model_cfg, data_cfg, cfg)
+    assert trainer.use_amp and trainer.scaler.is_enabled()
+    trainer.fit()
+    assert all(torch.isfinite(p).all() for p in trainer.decoder.parameters())
