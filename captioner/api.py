@@ -101,8 +101,10 @@ class Captioner(nn.Module):
             preprocess_cfg = from_dict(PreprocessConfig, meta["preprocess"])
             decode_cfg = from_dict(DecodeConfig, meta.get("decode", {}))
             num_decoders = int(meta.get("num_decoders", 1))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{source}: incomplete or invalid header ({exc})") from None
+        except KeyError as exc:
+            raise CheckpointError(f"{source}: the checkpoint header has no {exc} entry") from None
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{source}: invalid checkpoint header ({exc})") from None
         if model_cfg.vocab_size != len(vocab):
             raise CheckpointError(f"{source}: config says vocab_size={model_cfg.vocab_size} but the "
                                   f"vocabulary has {len(vocab)} words")

@@ -53,8 +53,9 @@ def load_flickr8k(root: str | os.PathLike, split: str = "train") -> list[ImageCa
             raise FileNotFoundError(f"Flickr8k: {needed} not found (see data/README.md)")
     wanted = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
     wanted_set = set(wanted)
+    on_disk = set(os.listdir(root / "Images"))
     captions: dict[str, list[str]] = defaultdict(list)
-    skipped = {"malformed caption lines": 0}
+    skipped = {"malformed caption lines": 0, "captions that point to no image": 0}
     for line in token_file.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
@@ -64,6 +65,10 @@ def load_flickr8k(root: str | os.PathLike, split: str = "train") -> list[ImageCa
             skipped["malformed caption lines"] += 1
         elif name in wanted_set:
             captions[name].append(text.strip())
+        elif name not in on_disk:
+            # e.g. the real line "2258277193_586949ec62.jpg.1#0"; a wanted image that is absent
+            # is counted once as a missing image by keep_existing instead.
+            skipped["captions that point to no image"] += 1
     return keep_existing(
         [ImageCaptions(n, str(root / "Images" / n), captions[n]) for n in wanted],
         f"Flickr8k {split}", skipped)
@@ -105,15 +110,18 @@ def load_coco(root: str | os.PathLike, split: str = "train2017",
     with quiet_stdout():
         coco = COCO(str(annotation_file))
     by_image: dict[int, list[str]] = defaultdict(list)
-    orphans = 0
+    skipped = {"captions that point to no image": 0, "empty captions": 0}
     for ann in coco.dataset.get("annotations", []):
-        if ann.get("image_id") in coco.imgs:
-            by_image[ann["image_id"]].append(str(ann.get("caption", "")).strip())
+        caption = str(ann.get("caption") or "").strip()
+        if ann.get("image_id") not in coco.imgs:
+            skipped["captions that point to no image"] += 1
+        elif not caption:
+            skipped["empty captions"] += 1
         else:
-            orphans += 1
+            by_image[ann["image_id"]].append(caption)
     records = [ImageCaptions(str(img_id), str(root / split / info["file_name"]), by_image[img_id])
                for img_id, info in sorted(coco.imgs.items())]
-    return keep_existing(records, f"COCO {split}", {"captions that point to no image": orphans})
+    return keep_existing(records, f"COCO {split}", skipped)
 
 
 KARPATHY_SPLITS = {"train": {"train", "restval"}, "restval": {"restval"}, "val": {"val"},

@@ -21,8 +21,9 @@ IMAGENET_NORMALIZATION = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.2
 LITE_IMAGE_SIZE = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
 
 
-class BackboneUnavailable(RuntimeError):
-    pass
+class BackboneUnavailable(ValueError):
+    """The named backbone cannot be built (unknown name, weights missing): a ValueError, so
+    entry points report it in one line like other bad input."""
 
 
 @dataclass
@@ -81,10 +82,18 @@ def strip_classifier(model: nn.Module) -> nn.Module:
 def build_torchvision(name: str, pretrained: bool) -> nn.Module:
     import torchvision
 
+    # Classification models only: detection/segmentation builders are no pooled-feature
+    # backbones, and some download ImageNet weights for their trunk even with weights=None.
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise BackboneUnavailable(
+            f"unknown backbone {name!r}: use efficientnet_lite0/1/2 or a torchvision "
+            f"classification model (resnet50, mobilenet_v3_large, ...)")
     try:
         model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
-    except ValueError as exc:
-        raise BackboneUnavailable(f"unknown backbone {name!r}: {exc}") from None
+    except OSError as exc:  # URLError included: torchvision weights download on first use
+        raise BackboneUnavailable(
+            f"could not get the pretrained weights of {name} (they download once, then live in "
+            f"~/.cache/torch): {exc}") from None
     return strip_classifier(model)
 
 

@@ -6,11 +6,10 @@ METEOR and the PTB tokenizer run Java (`java` must be on PATH).
 """
 from __future__ import annotations
 
+import atexit
 import shutil
+import warnings
 from collections.abc import Mapping, Sequence
-
-import numpy as np
-import torch
 
 from .config import DecodeConfig
 from .datasets import ImageCaptions, image_loader
@@ -20,8 +19,9 @@ METRIC_NAMES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CI
 
 def require_java() -> None:
     if shutil.which("java") is None:
-        raise RuntimeError("METEOR and the PTB tokenizer need Java: install a JRE "
-                           "(Debian: apt-get install default-jre-headless)")
+        # FileNotFoundError, as subprocess would raise: entry points report it in one line.
+        raise FileNotFoundError("METEOR and the PTB tokenizer need Java: install a JRE "
+                                "(Debian: apt-get install default-jre-headless)")
 
 
 def score_captions(references: Mapping[str, Sequence[str]], candidates: Mapping[str, str],
@@ -29,12 +29,13 @@ def score_captions(references: Mapping[str, Sequence[str]], candidates: Mapping[
     """Corpus scores of candidate captions against their references (ids must match)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     if set(references) != set(candidates):
         raise ValueError("references and candidates must cover the same image ids")
+    if not candidates:  # METEOR would wait forever for an answer, CIDEr would crash
+        raise ValueError("no captions to score")
     require_java()
     ids = sorted(candidates)
     tokenizer = PTBTokenizer()
@@ -46,11 +47,7 @@ def score_captions(references: Mapping[str, Sequence[str]], candidates: Mapping[
         bleu, _ = Bleu(4).compute_score(refs, cands, verbose=0)
         scores.update({f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)})
     if "METEOR" in wanted:
-        meteor = Meteor()
-        try:
-            scores["METEOR"] = float(meteor.compute_score(refs, cands)[0])
-        finally:
-            close_meteor(meteor)
+        scores["METEOR"] = float(meteor_scorer().compute_score(refs, cands)[0])
     if "ROUGE-L" in wanted:
         scores["ROUGE-L"] = float(Rouge().compute_score(refs, cands)[0])
     if "CIDEr" in wanted:
@@ -58,8 +55,23 @@ def score_captions(references: Mapping[str, Sequence[str]], candidates: Mapping[
     return {k: scores[k] for k in METRIC_NAMES if k in scores}
 
 
+_meteor = None
+
+
+def meteor_scorer():
+    """One METEOR process per Python process: its Java start (paraphrase tables, ~1 GB) takes
+    seconds, a scoring call milliseconds, so repeated evaluations share it until exit."""
+    global _meteor
+    if _meteor is None or _meteor.meteor_p.poll() is not None:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        _meteor = Meteor()
+        atexit.register(close_meteor, _meteor)
+    return _meteor
+
+
 def close_meteor(meteor) -> None:
-    """Stop METEOR's Java subprocess now rather than at interpreter exit."""
+    """Stop METEOR's Java subprocess (at exit, before the interpreter tears its pipes down)."""
     proc = getattr(meteor, "meteor_p", None)
     if proc is not None and proc.poll() is None:
         with meteor.lock:
@@ -77,18 +89,26 @@ def caption_records(captioner, records: Sequence[ImageCaptions], cfg: DecodeConf
     loader = image_loader([r.path for r in records], captioner.preprocess_cfg, batch_size,
                           num_workers)
     out: dict[str, str] = {}
+    failed: list[tuple[int, str]] = []
     with tqdm(total=len(records), desc="captioning", unit="img", disable=not progress) as bar:
         for indices, images, errors in loader:
             if images is not None:
                 for i, cap in zip(indices, captioner.caption_features(captioner.encode(images), cfg)):
                     out[records[i].image_id] = cap.text
+            failed += errors
             bar.update(len(indices) + len(errors))
+    if failed:
+        i, reason = failed[0]
+        warnings.warn(f"captioning: skipped {len(failed)} unreadable images "
+                      f"(first: {records[i].path}: {reason})", stacklevel=2)
     return out
 
 
 def evaluate_records(captioner, records: Sequence[ImageCaptions], cfg: DecodeConfig,
                      **kwargs) -> tuple[dict[str, float], dict[str, str]]:
     candidates = caption_records(captioner, records, cfg, **kwargs)
+    if not candidates:
+        raise ValueError(f"none of the {len(records)} images could be read, nothing to score")
     references = {r.image_id: r.captions for r in records if r.image_id in candidates}
     return score_captions(references, candidates), candidates
 

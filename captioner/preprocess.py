@@ -71,11 +71,12 @@ def resize(image: Image.Image, cfg: PreprocessConfig) -> Image.Image:
     if cfg.resize == "squash":
         return image.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
     if cfg.resize == "center_crop":
-        scale = size / min(width, height)
-        new = (max(size, round(width * scale)), max(size, round(height * scale)))
-        image = image.resize(new, Image.BILINEAR, reducing_gap=3.0)
-        left, top = (new[0] - size) // 2, (new[1] - size) // 2
-        return image.crop((left, top, left + size, top + size))
+        # Scale only the centred square (box in source pixels): resizing the whole image first
+        # turns a 60000x12 strip into a 1120000x224 intermediate (750 MB).
+        side = min(width, height)
+        left, top = (width - side) / 2, (height - side) / 2
+        return image.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side),
+                            reducing_gap=3.0)
     if cfg.resize == "pad":
         scale = size / max(width, height)
         new = (max(1, round(width * scale)), max(1, round(height * scale)))

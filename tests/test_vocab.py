@@ -1,0 +1,92 @@
+"""Tokenizer and vocabulary: offline nltk, frequency threshold, specials, encode/decode, JSON."""
+import json
+
+import nltk
+import pytest
+
+from captioner.vocab import SPECIAL_TOKENS, Vocabulary, tokenize
+
+CAPTIONS = [
+    "A dog runs on the grass .",
+    "A brown dog is running, fast!",
+    "Two dogs play in the snow.",
+    "A dog and a cat.",
+]
+
+
+def test_tokenize_needs_no_nltk_data(monkeypatch, tmp_path):
+    # An empty data path: plain word_tokenize would raise LookupError (no punkt model).
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+    assert tokenize("A Brown DOG, running fast!  On the grass .") == [
+        "a", "brown", "dog", "running", "fast", "on", "the", "grass"]
+
+
+def test_tokenize_keeps_words_with_punctuation_inside():
+    assert tokenize("The dog's ball isn't red-and-white.") == [
+        "the", "dog", "'s", "ball", "is", "n't", "red-and-white"]
+    assert tokenize(" . , ! ") == []
+
+
+def test_min_count_threshold_and_order():
+    vocab = Vocabulary.build(CAPTIONS, min_count=2)
+    # a x5, dog x3, the x2; everything seen once is dropped
+    assert vocab.itos == list(SPECIAL_TOKENS) + ["a", "dog", "the"]
+    assert len(Vocabulary.build(CAPTIONS, min_count=1)) == len(SPECIAL_TOKENS) + len(
+        {w for c in CAPTIONS for w in tokenize(c)})
+    assert Vocabulary.build(CAPTIONS, min_count=100).itos == list(SPECIAL_TOKENS)
+
+
+def test_specials_come_first():
+    vocab = Vocabulary.build(CAPTIONS, min_count=1)
+    assert vocab.itos[:4] == ["<pad>", "<start>", "<end>", "<unk>"]
+    assert (vocab.pad_id, vocab.bos_id, vocab.eos_id, vocab.unk_id) == (0, 1, 2, 3)
+
+
+def test_encode_decode_round_trip():
+    vocab = Vocabulary.build(CAPTIONS, min_count=1)
+    ids = vocab.encode("A brown dog is running in the snow .")
+    assert ids == [vocab.bos_id] + [vocab.stoi[w] for w in
+                                    ["a", "brown", "dog", "is", "running", "in", "the", "snow"]
+                                    ] + [vocab.eos_id]
+    for caption in CAPTIONS:
+        assert vocab.decode(vocab.encode(caption)) == " ".join(tokenize(caption))
+
+
+def test_unknown_words_become_unk():
+    vocab = Vocabulary.build(CAPTIONS, min_count=2)
+    ids = vocab.encode("A zebra eats the dog")
+    assert ids == [vocab.bos_id, vocab.stoi["a"], vocab.unk_id, vocab.unk_id, vocab.stoi["the"],
+                   vocab.stoi["dog"], vocab.eos_id]
+    assert vocab.decode(ids) == "a <unk> <unk> the dog"
+
+
+def test_encode_truncates_to_max_len():
+    vocab = Vocabulary.build(CAPTIONS, min_count=1)
+    ids = vocab.encode("a dog runs on the grass", max_len=3)
+    assert vocab.words(ids) == ["a", "dog", "runs"]
+    assert ids[-1] == vocab.eos_id and len(ids) == 5
+
+
+def test_decode_stops_at_end_and_drops_pad_and_start():
+    vocab = Vocabulary.build(CAPTIONS, min_count=1)
+    a, dog = vocab.stoi["a"], vocab.stoi["dog"]
+    assert vocab.decode([vocab.bos_id, a, vocab.pad_id, dog, vocab.eos_id, a, a]) == "a dog"
+    assert vocab.decode([]) == ""
+
+
+def test_json_list_round_trip():
+    vocab = Vocabulary.build(CAPTIONS, min_count=1)
+    restored = Vocabulary(json.loads(json.dumps(vocab.to_list())))
+    assert restored.itos == vocab.itos
+    assert restored.stoi == vocab.stoi
+    for caption in CAPTIONS:
+        assert restored.encode(caption) == vocab.encode(caption)
+
+
+@pytest.mark.parametrize("words, message", [
+    (["a", "<pad>", "<start>", "<end>", "<unk>"], "must start with"),
+    (list(SPECIAL_TOKENS) + ["dog", "dog"], "duplicate"),
+])
+def test_invalid_word_lists_are_rejected(words, message):
+    with pytest.raises(ValueError, match=message):
+        Vocabulary(words)
