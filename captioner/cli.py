@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write scores and captions to this JSON file")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-fast", action="store_true",
+                   help="run the CNN in eager PyTorch instead of ONNX Runtime (same captions, slower)")
     add_decode_args(p)
 
     p = sub.add_parser("serve", help="start the web UI (same as python app.py)")
@@ -153,7 +155,7 @@ def cmd_evaluate(args) -> int:
     from .datasets import load_coco, load_flickr8k
     from .evaluate import evaluate_records, format_scores
 
-    captioner = Captioner.load(args.checkpoint, device=args.device)
+    captioner = Captioner.load(args.checkpoint, device=args.device, fast=not args.no_fast)
     cfg = captioner.decode_config(**decode_overrides(args))
     if args.dataset == "flickr8k":
         records = load_flickr8k(args.data_root, args.split)
