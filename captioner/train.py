@@ -497,7 +497,12 @@ class Trainer:
             idx, name = key.split(".", 1)
             state.setdefault(int(idx), {})[name] = value
         # load_state_dict moves each slot to its parameter's device (and keeps `step` as Adam wants).
-        self.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+        try:
+            self.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+        except ValueError as exc:
+            raise ValueError(f"{source}: its optimizer state does not fit this run (saved "
+                             f"{'with' if len(meta['optimizer']['param_groups']) > 1 else 'without'} "
+                             f"--fine-tune-cnn): {exc}") from None
         if meta.get("scaler") and self.use_amp:
             self.scaler.load_state_dict(meta["scaler"])
         trainer = meta["trainer"]

@@ -205,6 +205,15 @@ def test_a_coco_split_name_with_a_karpathy_file_is_a_clear_error(tmp_path, capsy
     assert "Karpathy split 'train2017'" in capsys.readouterr().err
 
 
+@requires_java
+def test_resuming_with_other_trained_parameters_is_a_clear_error(tmp_path, capsys):
+    split, cache = karpathy_split(tmp_path), tmp_path / "cache"
+    assert cli.main(train_args(split, tmp_path / "run", cache, epochs=1)) == 0
+    capsys.readouterr()
+    assert cli.main(train_args(split, tmp_path / "run", cache, resume=True, fine_tune_cnn=True)) == 2
+    assert "saved without --fine-tune-cnn" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="mixed precision runs on CUDA only")
 @requires_java
 def test_mixed_precision_on_cuda(tmp_path):
