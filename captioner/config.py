@@ -5,7 +5,7 @@ Dicts (not pickles) are what checkpoints store, so every field must be JSON-seri
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -102,6 +102,4 @@ class TrainConfig:
     checkpoint_every: int = 500      # steps between resumable checkpoints (and at every epoch end)
     val_images: int = 0              # 0 = all of the validation split
     label_smoothing: float = 0.0
-    scheduled_sampling: float = 0.0  # max probability of feeding the model's own word
     resume: bool = False
-    extras: dict = field(default_factory=dict)

@@ -8,14 +8,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-from nltk.tokenize import word_tokenize
-
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)
 
 
 def tokenize(text: str) -> list[str]:
     """Lower-cased word tokens; punctuation-only tokens are dropped (captions end in ' .')."""
+    from nltk.tokenize import word_tokenize   # here, not at the top: importing nltk takes ~1.5 s
+
     tokens = word_tokenize(text.lower(), preserve_line=True)
     return [t for t in tokens if any(ch.isalnum() for ch in t)]
 
