@@ -140,9 +140,18 @@ class Captioner(nn.Module):
                 "decode": to_dict(self.decode_cfg), "vocab": self.vocab.to_list(),
                 "num_decoders": len(self.decoders), "info": {**self.info, **(info or {})}}
 
-    def enable_fast_encoder(self) -> None:
-        """Hook for a faster CPU encoder; eager PyTorch stays the reference path."""
-        return None
+    def enable_fast_encoder(self, enabled: bool = True) -> bool:
+        """Run the CNN with ONNX Runtime on CPU (see fast_encoder.py): exported on first use,
+        cached by a hash of the weights, checked against eager PyTorch. It snapshots the current
+        encoder weights, so call it again after changing them. Eager PyTorch stays the reference
+        and is used on CUDA or when the fast path is unavailable (one warning). Returns whether
+        the fast path is on."""
+        from .fast_encoder import load_fast_encoder
+
+        on_cpu = next(self.encoder.parameters()).device.type == "cpu"
+        self.fast_encoder = (load_fast_encoder(self.encoder, self.preprocess_cfg)
+                             if enabled and on_cpu else None)
+        return self.fast_encoder is not None
 
     # -- inference ----------------------------------------------------------------------------
     @property

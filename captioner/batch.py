@@ -1,61 +1,439 @@
-"""Batch captioning for `captioner caption`: inputs -> JSON Lines / CSV rows, one per image."""
+"""`captioner caption`: files, folders and glob patterns -> one JSON Lines or CSV row per image.
+
+    inputs -> candidate paths -> DataLoader workers (read + check + preprocess, 1 thread each)
+           -> batched encoder (ONNX Runtime on CPU) -> batched decoding -> rows appended per batch
+
+Images are recognised by content. A file named on the command line, or named like an image, that
+cannot be captioned gets an error row `{"image": path, "error": reason}` and a one-line warning;
+other files in a folder that are not images (notes.txt) are ignored. Decompression bombs are
+refused from the image header, before any pixel is decoded.
+
+Each batch is appended with ONE write() of complete lines, then flushed, so kill -9 loses at most
+the batch in flight. Rerunning the same command resumes: images with a caption in the output are
+skipped; images whose row is an error are tried again (their old error rows are removed first, so
+every image appears exactly once); a partial last line from a killed run is dropped.
+"""
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
+import io
 import json
 import os
+import stat
 import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
-from .preprocess import is_image_file
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from .checkpoint import CheckpointError, atomic_write, load_tensors, resolve_checkpoint
+from .config import PreprocessConfig, from_dict
+from .fast_encoder import cpu_count, quantize_decoders
+from .preprocess import ImageLoadError, preprocess
+
+FIELDS = ("image", "caption", "score", "error")     # CSV columns; JSON rows use the same keys
 
 
-def expand_inputs(inputs: list[str]) -> list[str]:
-    paths: list[str] = []
+class UsageError(ValueError):
+    """Bad options or no inputs: `captioner` prints it and exits with status 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+@dataclass
+class Candidate:
+    path: str
+    # Named on the command line or named like an image: it gets a row even if it is not one.
+    # Other files found in folders (notes.txt) are ignored unless their content is an image.
+    expected: bool
+
+
+def image_suffixes() -> frozenset[str]:
+    Image.init()
+    return frozenset(Image.registered_extensions())
+
+
+def folder_files(folder: str, recursive: bool) -> list[str]:
+    """Files (and symlinks to nothing) in a folder, sorted; subfolders only when recursive.
+    A directory named like an image (`holiday.jpg/`) is never a file, so it is never captioned."""
+    if not recursive:
+        with os.scandir(folder) as entries:
+            return sorted(e.path for e in entries if not e.is_dir())
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        found += [os.path.join(root, f) for f in sorted(files)]
+    return found
+
+
+def collect_inputs(inputs: list[str], recursive: bool = False) -> tuple[list[Candidate], list[str]]:
+    """Expand files, folders and glob patterns (each image once, first mention kept) and return
+    the candidates with notes for the user (patterns that matched nothing, skipped folders)."""
+    suffixes = image_suffixes()
+    candidates: list[Candidate] = []
+    notes: list[str] = []
+    seen: set[str] = set()
+
+    def add(path: str, named: bool) -> None:
+        key = os.path.abspath(path)
+        if key not in seen:
+            seen.add(key)
+            candidates.append(Candidate(path, named or Path(path).suffix.lower() in suffixes))
+
     for item in inputs:
         if os.path.isdir(item):
-            for root, dirs, files in os.walk(item):
-                dirs.sort()
-                paths += [os.path.join(root, f) for f in sorted(files)]
-        elif any(ch in item for ch in "*?[") and not os.path.exists(item):
-            paths += sorted(glob.glob(item, recursive=True))
+            for path in folder_files(item, recursive):
+                add(path, named=False)
+        elif os.path.lexists(item) or not glob.has_magic(item):
+            add(item, named=True)          # a missing path gets its own "no such file" row
         else:
-            paths.append(item)
-    return paths
+            matches = sorted(glob.glob(item, recursive=recursive))
+            if not matches:
+                notes.append(f"no files match {item}")
+            for path in matches:
+                if not os.path.isdir(path):
+                    add(path, named=False)
+                elif recursive:
+                    for inner in folder_files(path, recursive):
+                        add(inner, named=False)
+                else:
+                    notes.append(f"skipping folder {path} (use --recursive to caption folders "
+                                 "matched by a pattern)")
+    return candidates, notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading images (in DataLoader worker processes)
+class NotAnImage(ImageLoadError):
+    pass
+
+
+def read_image(path: str, cfg: PreprocessConfig) -> torch.Tensor:
+    """Checked read + the shared preprocessing: (3, S, S), or ImageLoadError with the reason."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ImageLoadError(f"dangling symbolic link (to {os.readlink(path)})")
+    try:
+        info = os.stat(path)
+        if stat.S_ISDIR(info.st_mode):
+            raise ImageLoadError("is a directory")
+        if not stat.S_ISREG(info.st_mode):      # reading a FIFO or a device could block forever
+            raise ImageLoadError("not a regular file")
+        if info.st_size == 0:
+            raise NotAnImage("empty file")
+        # The size comes from the header, before a single pixel is decoded, so memory stays
+        # bounded whatever the file claims. Pillow itself raises beyond twice its pixel limit and
+        # only warns between 1x and 2x: that warning is an error here, and so is any size over
+        # the limit that a format plugin reports later than Pillow's own check.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and width * height > limit:
+                raise ImageLoadError(f"refused: {width}x{height} pixels exceeds the limit of {limit} "
+                                     "(decompression bomb?)")
+            return preprocess(path, cfg)
+    except UnidentifiedImageError:
+        raise NotAnImage("not an image (no format Pillow reads recognises its content)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageLoadError(f"refused before decoding: {exc}") from None
+    except FileNotFoundError:
+        raise ImageLoadError("no such file or directory") from None
+    except PermissionError:
+        raise ImageLoadError("permission denied") from None
+    except OSError as exc:
+        raise ImageLoadError(f"cannot read: {exc.strerror or exc}") from None
+
+
+class CandidateImages(Dataset):
+    """Item i -> (i, image (3, S, S) or None, error or None); (i, None, None) = ignored non-image."""
+
+    def __init__(self, candidates: list[Candidate], cfg: PreprocessConfig):
+        self.candidates, self.cfg = candidates, cfg
+
+    def __len__(self) -> int:
+        return len(self.candidates)
+
+    def __getitem__(self, i: int):
+        candidate = self.candidates[i]
+        try:
+            return i, read_image(candidate.path, self.cfg), None
+        except NotAnImage as exc:
+            return i, None, str(exc) if candidate.expected else None
+        except ImageLoadError as exc:
+            return i, None, str(exc)
+        except Exception as exc:  # one odd file must never stop a 10,000-image job
+            return i, None, f"{type(exc).__name__}: {exc}"
+
+
+def collate(items):
+    """-> (indices of images, images (B, 3, S, S) or None, [(index, error)], [ignored indices])."""
+    good = [(i, x) for i, x, _ in items if x is not None]
+    errors = [(i, err) for i, x, err in items if x is None and err is not None]
+    ignored = [i for i, x, err in items if x is None and err is None]
+    images = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], images, errors, ignored
+
+
+# ---------------------------------------------------------------------------------------------
+# Output: JSON Lines or CSV, appended one batch per write(), resumable
+def row_key(image: str) -> str:
+    return os.path.abspath(image)
+
+
+class RowWriter:
+    """Appends rows to OUT (or stdout). The file is opened O_APPEND and every batch goes out in
+    one os.write of complete lines, so a killed run never leaves half a row behind."""
+
+    def __init__(self, output: str | None):
+        self.output = output
+        self.as_csv = bool(output) and output.lower().endswith(".csv")
+        self.fd: int | None = None
+
+    def open(self) -> set[str]:
+        """Open for appending after repairing what a killed run left; returns the keys of the
+        images already captioned there."""
+        if not self.output:
+            return set()
+        path = Path(self.output)
+        if path.is_dir():
+            raise UsageError(f"-o {self.output} is a folder; give a .jsonl or .csv file")
+        done = self.repair(path) if path.is_file() and path.stat().st_size else set()
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UsageError(f"cannot write {self.output}: {exc.strerror}") from None
+        if self.as_csv and os.fstat(self.fd).st_size == 0:
+            self._write(self.format_rows([dict(zip(FIELDS, FIELDS))]))
+        return done
+
+    def repair(self, path: Path) -> set[str]:
+        """Drop a partial last line and error rows (those images are tried again), rewriting the
+        file atomically only if something must go."""
+        data = path.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1]
+        rows = self.parse(complete.decode("utf-8", errors="surrogateescape"))
+        kept = [row for row in rows if not row.get("error")]
+        if len(kept) < len(rows) or len(complete) < len(data):
+            text = self.format_rows(([dict(zip(FIELDS, FIELDS))] if self.as_csv else []) + kept)
+            atomic_write(path, lambda tmp: Path(tmp).write_bytes(self.encode(text)))
+        return {row_key(row["image"]) for row in kept}
+
+    def parse(self, text: str) -> list[dict]:
+        problem = f"{self.output} exists but is not a captioner {'CSV' if self.as_csv else 'JSON Lines'} output"
+        if self.as_csv:
+            reader = csv.reader(io.StringIO(text))
+            if tuple(next(reader, FIELDS)) != FIELDS:
+                raise UsageError(f"{problem} (its header is not {','.join(FIELDS)})")
+            rows = [dict(zip(FIELDS, values)) for values in reader if values]
+        else:
+            try:
+                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"{problem} ({exc})") from None
+        if not all(isinstance(row, dict) and row.get("image") for row in rows):
+            raise UsageError(f"{problem} (a row has no image)")
+        return rows
+
+    def format_rows(self, rows: list[dict]) -> str:
+        if not self.as_csv:
+            return "".join(json.dumps(row) + "\n" for row in rows)
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerows([[row.get(f, "") for f in FIELDS] for row in rows])
+        return buffer.getvalue()
+
+    @staticmethod
+    def encode(text: str) -> bytes:
+        # surrogateescape round-trips file names that are not valid UTF-8
+        return text.encode("utf-8", errors="surrogateescape")
+
+    def write(self, rows: list[dict]) -> None:
+        if rows:
+            self._write(self.format_rows(rows))
+
+    def _write(self, text: str) -> None:
+        if self.fd is None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            return
+        data = memoryview(self.encode(text))
+        while data:   # os.write may write less than asked (rare for regular files)
+            data = data[os.write(self.fd, data):]
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+DECODE_OPTIONS = ("method", "beam_size", "max_len", "length_penalty", "temperature", "top_k",
+                  "top_p", "seed")
+
+
+def check_options(args) -> None:
+    """Reject impossible values before any work starts (exit status 2)."""
+    rules = [("batch_size", lambda v: v >= 1, ">= 1"), ("workers", lambda v: v >= 0, ">= 0"),
+             ("beam_size", lambda v: v >= 1, ">= 1"), ("max_len", lambda v: v >= 1, ">= 1"),
+             ("length_penalty", lambda v: v >= 0, ">= 0"), ("temperature", lambda v: v > 0, "> 0"),
+             ("top_k", lambda v: v >= 0, ">= 0"), ("top_p", lambda v: 0 < v <= 1, "in (0, 1]")]
+    for name, ok, need in rules:
+        value = getattr(args, name, None)
+        if value is not None and not ok(value):
+            raise UsageError(f"--{name.replace('_', '-')} must be {need} (got {value})")
+
+
+class Reporter:
+    """tqdm bar on stderr (only on a terminal, not with --quiet); warnings that do not break it."""
+
+    def __init__(self, total: int, quiet: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="img", desc="captioning", file=sys.stderr,
+                        disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True, smoothing=0.1)
+
+    def warn(self, message: str) -> None:
+        line = f"captioner: warning: {message}"
+        if self.bar.disable:
+            print(line, file=sys.stderr, flush=True)
+        else:
+            self.bar.write(line, file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def caption_inputs(args) -> int:
+    """Run `captioner caption`; returns the exit status (0 all captioned, 1 some failed)."""
+    from .api import default_checkpoint
+
+    start = time.perf_counter()
+    check_options(args)
+    candidates, notes = collect_inputs(args.inputs, getattr(args, "recursive", False))
+    if not any(os.path.lexists(c.path) for c in candidates):
+        raise UsageError("no inputs found: " + (", ".join(notes) if notes else " ".join(args.inputs)))
+    checkpoint = resolve_checkpoint(args.checkpoint if args.checkpoint else default_checkpoint())
+    writer = RowWriter(args.output)
+    done = writer.open()
+    todo = [c for c in candidates if row_key(c.path) not in done]
+    reporter = Reporter(len(todo), args.quiet)
+    for note in notes:
+        reporter.warn(note)
+    counts = {"captioned": 0, "failed": 0, "ignored": 0}
+    try:
+        if todo:
+            run(checkpoint, todo, args, writer, reporter, counts)
+    except BrokenPipeError:   # stdout closed early (`| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no error at exit
+        return 1
+    finally:
+        reporter.close()
+        writer.close()
+    if not args.quiet:
+        summary(counts, len(candidates) - len(todo), time.perf_counter() - start, args.output)
+    return 1 if counts["failed"] else 0
+
+
+def run(checkpoint: Path, todo: list[Candidate], args, writer: RowWriter, reporter: Reporter,
+        counts: dict[str, int]) -> None:
+    # The image workers start first (they need only the checkpoint's preprocessing), so the
+    # first batches are read while the model loads. They run one PyTorch thread each.
+    workers = args.workers if args.workers is not None else min(cpu_count(), 4)
+    images = CandidateImages(todo, checkpoint_preprocess(checkpoint))
+    batches = iter(DataLoader(images, batch_size=args.batch_size, num_workers=workers,
+                              collate_fn=collate, prefetch_factor=2 if workers else None))
+    captioner = load_captioner(checkpoint, args)
+    cfg = captioner.decode_config(**{k: getattr(args, k, None) for k in DECODE_OPTIONS})
+
+    def encode(batch):
+        indices, pixels, errors, ignored = batch
+        return indices, (captioner.encode(pixels) if pixels is not None else None), errors, ignored
+
+    # With ONNX Runtime running the CNN on its own threads, PyTorch only decodes: small LSTM
+    # steps that one thread runs fastest, while OpenMP threads contending with ONNX Runtime and
+    # the image workers for the cores slow each step down many times (see the README's
+    # Benchmarks); the encoder then runs one batch ahead in a thread. Eager PyTorch running the
+    # CNN gets every core and runs in turn with the decoder.
+    fast = captioner.fast_encoder is not None
+    encoded = encode_ahead(batches, encode) if fast else map(encode, batches)
+    with torch_threads(1 if fast else cpu_count()), torch.inference_mode():
+        for indices, features, errors, ignored in encoded:
+            rows = {}
+            if features is not None:
+                for i, cap in zip(indices, captioner.caption_features(features, cfg)):
+                    rows[i] = {"image": todo[i].path, "caption": cap.text, "score": round(cap.score, 4)}
+            for i, error in errors:
+                rows[i] = {"image": todo[i].path, "error": error}
+                reporter.warn(f"{todo[i].path}: {error}")
+            writer.write([rows[i] for i in sorted(rows)])
+            counts["captioned"] += len(indices)
+            counts["failed"] += len(errors)
+            counts["ignored"] += len(ignored)
+            reporter.bar.update(len(indices) + len(errors) + len(ignored))
+
+
+def encode_ahead(batches: Iterator, encode: Callable) -> Iterator:
+    """encode(batch) for each batch, the next one computed in a thread while the caller decodes
+    this one (ONNX Runtime and PyTorch release the GIL while they compute)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="encoder") as pool:
+        pending = None
+        for batch in batches:
+            upcoming = pool.submit(encode, batch)
+            if pending is not None:
+                yield pending.result()
+            pending = upcoming
+        if pending is not None:
+            yield pending.result()
+
+
+def checkpoint_preprocess(checkpoint: Path) -> PreprocessConfig:
+    """The checkpoint's image preprocessing, read from its header without building the model."""
+    try:
+        return from_dict(PreprocessConfig, load_tensors(checkpoint)[1]["preprocess"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{checkpoint}: invalid preprocessing in the header ({exc})") from None
+
+
+def load_captioner(checkpoint: Path, args):
+    """The model with the fast CPU paths: ONNX Runtime CNN (unless --no-fast) and int8 decoding
+    (unless --no-fast or --no-int8)."""
     from .api import Captioner
-    from .datasets import image_loader
 
-    captioner = Captioner.load(args.checkpoint, device=args.device)
-    cfg = captioner.decode_config(**{k: getattr(args, k) for k in
-                                     ("method", "beam_size", "max_len", "length_penalty",
-                                      "temperature", "top_k", "top_p", "seed")})
-    paths = expand_inputs(args.inputs)
-    candidates = [p for p in paths if not os.path.isdir(p)]
-    out = open(args.output, "a", newline="") if args.output else sys.stdout
-    as_csv = bool(args.output) and args.output.endswith(".csv")
-    writer = csv.writer(out) if as_csv else None
-    failed = 0
+    fast = not getattr(args, "no_fast", False)
+    with torch_threads(1):    # loading runs the CNN once on a dummy image: see run()
+        captioner = Captioner.load(checkpoint, device=args.device, fast=fast)
+    if fast and not getattr(args, "no_int8", False) and captioner.device.type == "cpu":
+        decoders = quantize_decoders(captioner.decoders)
+        if decoders is not None:
+            captioner.decoders = decoders
+    return captioner
 
-    def write(row: dict) -> None:
-        if writer:
-            writer.writerow([row["image"], row.get("caption", ""), row.get("score", ""), row.get("error", "")])
-        else:
-            out.write(json.dumps(row) + "\n")
 
-    loader = image_loader(candidates, captioner.preprocess_cfg, args.batch_size, num_workers=2)
-    for indices, images, errors in loader:
-        if images is not None:
-            for i, cap in zip(indices, captioner.caption_features(captioner.encode(images), cfg)):
-                write({"image": candidates[i], "caption": cap.text, "score": round(cap.score, 4)})
-        for i, err in errors:
-            failed += 1
-            print(f"captioner: {candidates[i]}: {err}", file=sys.stderr)
-            write({"image": candidates[i], "error": err})
-        out.flush()
-    if args.output:
-        out.close()
-    return 1 if failed else 0
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """PyTorch's intra-op threads for a block (a process-wide setting, so restored after)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def summary(counts: dict[str, int], already: int, seconds: float, output: str | None) -> None:
+    parts = [f"{counts['captioned']} captioned", f"{counts['failed']} failed"]
+    if already:
+        parts.append(f"{already} already in {output}")
+    if counts["ignored"]:
+        parts.append(f"{counts['ignored']} non-image files ignored")
+    rate = counts["captioned"] / seconds if seconds > 0 else 0.0
+    print(f"captioner: {', '.join(parts)}, {seconds:.1f} s ({rate:.1f} images/s)", file=sys.stderr)

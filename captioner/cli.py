@@ -53,12 +53,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="captioner", description="Show-and-Tell image captioning.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("caption", help="caption images, files or folders, to JSON Lines or CSV")
+    p = sub.add_parser(
+        "caption", help="caption images, files or folders, to JSON Lines or CSV",
+        description="Caption image files, folders and glob patterns. Rerun the same command to "
+                    "resume: images already captioned in OUT are skipped, failed ones are retried. "
+                    "Exit status: 0 all captioned, 1 some inputs failed, 2 usage error.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
-    p.add_argument("-o", "--output", help="OUT.jsonl or OUT.csv (default: JSON Lines on stdout)")
+    p.add_argument("-o", "--output", help="OUT.jsonl or OUT.csv, appended to (default: JSON Lines on stdout)")
+    p.add_argument("-r", "--recursive", action="store_true",
+                   help="include subfolders (and folders matched by patterns; ** matches any depth)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bar and no summary (per-file warnings still go to stderr)")
     p.add_argument("--checkpoint", help="checkpoint file or folder (default: the shipped model)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, help="image-reading processes (default: CPU cores, at most 4)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-int8", action="store_true",
+                   help="decode in fp32, not int8: captions identical to plain PyTorch (slower)")
+    p.add_argument("--no-fast", action="store_true",
+                   help="plain PyTorch: eager CNN instead of ONNX Runtime, fp32 decoding (slowest)")
     add_decode_args(p)
 
     p = sub.add_parser("train", help="train a captioner on Flickr8k or COCO")
