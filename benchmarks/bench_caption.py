@@ -44,7 +44,7 @@ from captioner import batch  # noqa: E402
 from captioner.api import Captioner, default_checkpoint  # noqa: E402
 from captioner.cli import main as cli_main  # noqa: E402
 from captioner.datasets import load_flickr8k  # noqa: E402
-from captioner.fast_encoder import cpu_count  # noqa: E402
+from captioner.fast_encoder import cpu_count, quantize_decoders  # noqa: E402
 
 
 def machine() -> str:
@@ -57,8 +57,13 @@ def machine() -> str:
                 model = line.split(":", 1)[1].strip()
                 break
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    # Other jobs may share the cores: the scheduling priority says how much of them we got.
+    group = "n/a"
+    with contextlib.suppress(OSError):
+        group = Path("/proc/self/autogroup").read_text().split()[-1]
     return (f"{model}, {cpu_count()} cores | Python {platform.python_version()}, torch {torch.__version__}, "
-            f"onnxruntime {onnxruntime.__version__} | load average at start: {load}")
+            f"onnxruntime {onnxruntime.__version__}\nload average at start: {load} | "
+            f"nice {os.nice(0)}, autogroup nice {group}")
 
 
 def loader(paths, captioner, batch_size, workers):
@@ -86,16 +91,11 @@ def channels_last(encoder):
 
 
 def quantized(captioner: Captioner) -> Captioner:
-    """A copy whose decoders' LSTM and Linear layers run int8 dynamic quantization."""
-    from torch.ao.quantization import quantize_dynamic
-
+    """A copy with the CLI's int8 decoders (fast_encoder.quantize_decoders)."""
     session, captioner.fast_encoder = captioner.fast_encoder, None   # an ORT session cannot be copied
     clone = copy.deepcopy(captioner)
     captioner.fast_encoder = clone.fast_encoder = session
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # torch.ao.quantization is deprecated in favour of torchao
-        clone.decoders = torch.nn.ModuleList(
-            quantize_dynamic(d, {torch.nn.LSTM, torch.nn.Linear}, dtype=torch.qint8) for d in clone.decoders)
+    clone.decoders = quantize_decoders(captioner.decoders)
     return clone
 
 
@@ -141,7 +141,10 @@ def benchmark(args, paths, folder) -> None:
     features = encode_all(paths, fast, fast.encode, bs, workers, 1)
     int8 = quantized(fast)
 
+    load_args = argparse.Namespace(device="cpu", no_fast=False, no_int8=False)
     cases = {
+        "model load, part of every (b) run":
+            lambda: batch.load_captioner(Path(args.checkpoint), load_args),
         "(a) encoder only: read + preprocess + ONNX Runtime CNN":
             lambda: encode_all(paths, fast, fast.encode, bs, workers, 1),
         "(b) captioner caption, greedy": lambda: run_cli(folder, args.checkpoint, bs, "greedy", args.workers),
@@ -170,7 +173,7 @@ def benchmark(args, paths, folder) -> None:
     width = max(map(len, rate))
     for name, r in rate.items():
         spread = ", ".join(f"{n / t:.0f}" for t in times[name])
-        print(f"  {name:<{width}}  {r:7.1f} images/s   (runs: {spread})")
+        print(f"  {name:<{width}}  {statistics.median(times[name]):6.2f} s  {r:7.1f} images/s   (runs: {spread})")
 
     a = rate["(a) encoder only: read + preprocess + ONNX Runtime CNN"]
     greedy, beam = rate["(b) captioner caption, greedy"], rate["(b) captioner caption, beam 3"]

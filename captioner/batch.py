@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import CheckpointError, atomic_write, load_tensors, resolve_checkpoint
 from .config import PreprocessConfig, from_dict
-from .fast_encoder import cpu_count, quantize_decoders
+from .fast_encoder import FastEncoderWarning, cpu_count, quantize_decoders
 from .preprocess import ImageLoadError, preprocess
 
 FIELDS = ("image", "caption", "score", "error")     # CSV columns; JSON rows use the same keys
@@ -351,21 +351,31 @@ def run(checkpoint: Path, todo: list[Candidate], args, writer: RowWriter, report
     images = CandidateImages(todo, checkpoint_preprocess(checkpoint))
     batches = iter(DataLoader(images, batch_size=args.batch_size, num_workers=workers,
                               collate_fn=collate, prefetch_factor=2 if workers else None))
-    captioner = load_captioner(checkpoint, args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FastEncoderWarning)
+        captioner = load_captioner(checkpoint, args)
+    for warning in caught:   # "fast path unavailable" as one line like the others; the rest as usual
+        if issubclass(warning.category, FastEncoderWarning):
+            reporter.warn(str(warning.message))
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     cfg = captioner.decode_config(**{k: getattr(args, k, None) for k in DECODE_OPTIONS})
+
+    # PyTorch runs the decoder on one thread: its small LSTM steps gain little from more, while
+    # OpenMP threads contending for the cores with ONNX Runtime and the image workers slow each
+    # step down many times (see the README's Benchmarks). ONNX Runtime encodes the next batch in
+    # a thread meanwhile; an eager PyTorch CNN instead runs in turn with the decoder, on every core.
+    fast = captioner.fast_encoder is not None
 
     def encode(batch):
         indices, pixels, errors, ignored = batch
-        return indices, (captioner.encode(pixels) if pixels is not None else None), errors, ignored
+        if pixels is None:
+            return indices, None, errors, ignored
+        with contextlib.nullcontext() if fast else torch_threads(cpu_count()):
+            return indices, captioner.encode(pixels), errors, ignored
 
-    # With ONNX Runtime running the CNN on its own threads, PyTorch only decodes: small LSTM
-    # steps that one thread runs fastest, while OpenMP threads contending with ONNX Runtime and
-    # the image workers for the cores slow each step down many times (see the README's
-    # Benchmarks); the encoder then runs one batch ahead in a thread. Eager PyTorch running the
-    # CNN gets every core and runs in turn with the decoder.
-    fast = captioner.fast_encoder is not None
     encoded = encode_ahead(batches, encode) if fast else map(encode, batches)
-    with torch_threads(1 if fast else cpu_count()), torch.inference_mode():
+    with torch_threads(1), torch.inference_mode():
         for indices, features, errors, ignored in encoded:
             rows = {}
             if features is not None:

@@ -16,6 +16,7 @@ import time
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -56,7 +57,7 @@ def make_good_images(folder: Path, flickr8k_tiny: Path) -> list[Path]:
         image.save(made[name], **options)
 
     save("photo.jpg", base, quality=90)
-    save("grey16.png", Image.fromarray((__import__("numpy").asarray(small.convert("L"), dtype="uint16") * 257)))
+    save("grey16.png", Image.fromarray(np.asarray(small.convert("L"), dtype=np.uint16) * 257))   # I;16
     palette = small.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
     save("palette_transparent.png", palette, transparency=0)
     rgba = small.convert("RGBA")
@@ -341,3 +342,20 @@ def test_kill_9_then_rerun_gives_every_image_once(tmp_path, flickr8k_tiny, tiny_
     assert sorted(row["image"] for row in rows) == sorted(str(p) for p in folder.iterdir())
     assert out.read_bytes().startswith(first)          # the first run's rows were kept
     assert f"{60 - written} captioned, 0 failed, {written} already in" in stderr
+
+
+def test_without_onnxruntime_the_cli_falls_back_with_one_line(monkeypatch, flickr8k_tiny,
+                                                              tiny_checkpoint, tiny_captioner, capsys):
+    from captioner import fast_encoder
+
+    monkeypatch.setattr(fast_encoder, "_warned", set())
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)       # import raises ImportError
+    images = [str(p) for p in sorted((flickr8k_tiny / "Images").glob("*.jpg"))[:3]]
+    code, stdout, stderr = run_cli(capsys, *images, "--checkpoint", tiny_checkpoint, "--method",
+                                   "greedy", "--no-int8")
+    assert code == 0
+    assert [json.loads(line)["caption"] for line in stdout.splitlines()] == [
+        cap.text for cap in tiny_captioner.caption(images, method="greedy")]     # eager, fp32
+    warning_lines = [line for line in stderr.splitlines() if "warning" in line]
+    assert warning_lines == ["captioner: warning: onnxruntime is not installed: the CNN runs in "
+                             "eager PyTorch (slower); pip install onnxruntime"]
