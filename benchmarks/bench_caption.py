@@ -3,7 +3,8 @@
 On the same Flickr8k test photos (default: the first 500) and batch size it measures, repeated and
 interleaved so background load hits every variant alike, and prints medians:
 
-  (a) encoder only: read + preprocess (DataLoader workers) + ONNX Runtime CNN -- the ceiling
+  (a) encoder only: read + preprocess (DataLoader workers) + ONNX Runtime CNN, arranged as the
+      CLI runs it -- the ceiling; (a') the same with one batch at a time on all cores
   (b) the full `captioner caption` pipeline (cli.main, the real code path), greedy and beam 3
   (c) the Python API called once per image in a loop
   (d) the eager-PyTorch encoder for reference (contiguous and channels-last)
@@ -44,7 +45,7 @@ from captioner import batch  # noqa: E402
 from captioner.api import Captioner, default_checkpoint  # noqa: E402
 from captioner.cli import main as cli_main  # noqa: E402
 from captioner.datasets import load_flickr8k  # noqa: E402
-from captioner.fast_encoder import cpu_count, quantize_decoders  # noqa: E402
+from captioner.fast_encoder import cpu_count  # noqa: E402
 
 
 def machine() -> str:
@@ -82,21 +83,24 @@ def encode_all(paths, captioner, encode, batch_size, workers, threads) -> torch.
     return torch.cat(features)
 
 
+def encoder_only(paths, captioner, batch_size, workers) -> None:
+    """(a): the CLI's reading and encoding (one single-threaded ONNX Runtime batch per core)."""
+    batches = iter(loader(paths, captioner, batch_size, workers))
+    for _ in batch.encode_ahead(batches, lambda b: captioner.encode(b[1]), cpu_count()):
+        pass
+
+
+def cli_model(checkpoint) -> Captioner:
+    """The model as `captioner caption` runs it: single-threaded ONNX Runtime, int8 decoders."""
+    return batch.load_captioner(Path(checkpoint), argparse.Namespace(device="cpu", no_fast=False, no_int8=False))
+
+
 def channels_last(encoder):
     fast = copy.deepcopy(encoder).to(memory_format=torch.channels_last)
 
     def encode(images):
         return fast(images.contiguous(memory_format=torch.channels_last)).float()
     return encode
-
-
-def quantized(captioner: Captioner) -> Captioner:
-    """A copy with the CLI's int8 decoders (fast_encoder.quantize_decoders)."""
-    session, captioner.fast_encoder = captioner.fast_encoder, None   # an ORT session cannot be copied
-    clone = copy.deepcopy(captioner)
-    captioner.fast_encoder = clone.fast_encoder = session
-    clone.decoders = quantize_decoders(captioner.decoders)
-    return clone
 
 
 def decode_all(captioner, features, method, batch_size, threads) -> list[str]:
@@ -135,30 +139,28 @@ def timed(fn) -> float:
 def benchmark(args, paths, folder) -> None:
     n, bs, cores = len(paths), args.batch_size, cpu_count()
     workers = args.workers if args.workers is not None else min(cores, 4)
-    fast = Captioner.load(args.checkpoint)
+    cli = cli_model(args.checkpoint)
+    api = Captioner.load(args.checkpoint)          # ONNX Runtime on all cores, fp32 decoders
     eager = Captioner.load(args.checkpoint, fast=False)
-    assert fast.fast_encoder is not None, "the ONNX Runtime encoder is unavailable"
-    features = encode_all(paths, fast, fast.encode, bs, workers, 1)
-    int8 = quantized(fast)
+    assert cli.fast_encoder is not None and api.fast_encoder is not None, "ONNX Runtime is unavailable"
+    features = encode_all(paths, api, api.encode, bs, workers, 1)
 
-    load_args = argparse.Namespace(device="cpu", no_fast=False, no_int8=False)
     cases = {
-        "model load, part of every (b) run":
-            lambda: batch.load_captioner(Path(args.checkpoint), load_args),
-        "(a) encoder only: read + preprocess + ONNX Runtime CNN":
-            lambda: encode_all(paths, fast, fast.encode, bs, workers, 1),
+        "model load, part of every (b) run": lambda: cli_model(args.checkpoint),
+        "(a) encoder only: read + preprocess + ONNX Runtime CNN": lambda: encoder_only(paths, cli, bs, workers),
+        "(a') the same, one batch at a time on all cores": lambda: encode_all(paths, api, api.encode, bs, workers, 1),
         "(b) captioner caption, greedy": lambda: run_cli(folder, args.checkpoint, bs, "greedy", args.workers),
         "(b) captioner caption, beam 3": lambda: run_cli(folder, args.checkpoint, bs, "beam", args.workers),
         f"(c) API, one image per call, torch {torch.get_num_threads()} threads (default)":
-            lambda: api_loop(fast, paths, torch.get_num_threads()),
-        "(c) API, one image per call, torch 1 thread": lambda: api_loop(fast, paths, 1),
+            lambda: api_loop(api, paths, torch.get_num_threads()),
+        "(c) API, one image per call, torch 1 thread": lambda: api_loop(api, paths, 1),
         f"(d) eager PyTorch encoder, {cores} threads":
             lambda: encode_all(paths, eager, eager.encode, bs, workers, cores),
         f"(d) eager PyTorch encoder, channels-last, {cores} threads":
             lambda: encode_all(paths, eager, channels_last(eager.encoder), bs, workers, cores),
     }
     for method in ("greedy", "beam"):
-        for name, model in (("fp32", fast), ("int8", int8)):
+        for name, model in (("fp32", api), ("int8", cli)):
             for threads in sorted({1, cores}):
                 label = f"(e) decode only, {method if method == 'greedy' else 'beam 3'}, {name}, {threads} thread(s)"
                 cases[label] = (lambda m=model, me=method, t=threads: decode_all(m, features, me, bs, t))
@@ -198,7 +200,7 @@ def compare(args, records) -> None:
 
     paths = [r.path for r in records]
     references = {r.image_id: r.captions for r in records}
-    fast = Captioner.load(args.checkpoint)
+    fast, cli = Captioner.load(args.checkpoint), cli_model(args.checkpoint)
     eager = Captioner.load(args.checkpoint, fast=False)
     workers, bs = min(cpu_count(), 4), args.batch_size
     eager_features = encode_all(paths, eager, eager.encode, bs, workers, cpu_count())
@@ -207,7 +209,7 @@ def compare(args, records) -> None:
           f"{(fast_features - eager_features).abs().max():.2e}")
     variants = {"eager PyTorch (reference)": (eager, eager_features),
                 "ONNX Runtime encoder": (fast, fast_features),
-                "ONNX Runtime encoder + int8 decoder": (quantized(fast), fast_features)}
+                "ONNX Runtime encoder + int8 decoder": (cli, fast_features)}
     for method in ("greedy", "beam"):
         reference = None
         for name, (model, feats) in variants.items():

@@ -140,16 +140,16 @@ class Captioner(nn.Module):
                 "decode": to_dict(self.decode_cfg), "vocab": self.vocab.to_list(),
                 "num_decoders": len(self.decoders), "info": {**self.info, **(info or {})}}
 
-    def enable_fast_encoder(self, enabled: bool = True) -> bool:
+    def enable_fast_encoder(self, enabled: bool = True, threads: int | None = None) -> bool:
         """Run the CNN with ONNX Runtime on CPU (see fast_encoder.py): exported on first use,
         cached by a hash of the weights, checked against eager PyTorch. It snapshots the current
         encoder weights, so call it again after changing them. Eager PyTorch stays the reference
-        and is used on CUDA or when the fast path is unavailable (one warning). Returns whether
-        the fast path is on."""
+        and is used on CUDA or when the fast path is unavailable (one warning). threads: ONNX
+        Runtime's threads per call (default: all cores). Returns whether the fast path is on."""
         from .fast_encoder import load_fast_encoder
 
         on_cpu = next(self.encoder.parameters()).device.type == "cpu"
-        self.fast_encoder = (load_fast_encoder(self.encoder, self.preprocess_cfg)
+        self.fast_encoder = (load_fast_encoder(self.encoder, self.preprocess_cfg, threads=threads)
                              if enabled and on_cpu else None)
         return self.fast_encoder is not None
 

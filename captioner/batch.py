@@ -15,6 +15,7 @@ every image appears exactly once); a partial last line from a killed run is drop
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import glob
@@ -363,8 +364,8 @@ def run(checkpoint: Path, todo: list[Candidate], args, writer: RowWriter, report
 
     # PyTorch runs the decoder on one thread: its small LSTM steps gain little from more, while
     # OpenMP threads contending for the cores with ONNX Runtime and the image workers slow each
-    # step down many times (see the README's Benchmarks). ONNX Runtime encodes the next batch in
-    # a thread meanwhile; an eager PyTorch CNN instead runs in turn with the decoder, on every core.
+    # step down many times (see the README's Benchmarks). ONNX Runtime encodes the next batches
+    # in threads meanwhile; an eager PyTorch CNN instead runs in turn with the decoder, on every core.
     fast = captioner.fast_encoder is not None
 
     def encode(batch):
@@ -374,7 +375,7 @@ def run(checkpoint: Path, todo: list[Candidate], args, writer: RowWriter, report
         with contextlib.nullcontext() if fast else torch_threads(cpu_count()):
             return indices, captioner.encode(pixels), errors, ignored
 
-    encoded = encode_ahead(batches, encode) if fast else map(encode, batches)
+    encoded = encode_ahead(batches, encode, cpu_count()) if fast else map(encode, batches)
     with torch_threads(1), torch.inference_mode():
         for indices, features, errors, ignored in encoded:
             rows = {}
@@ -391,18 +392,23 @@ def run(checkpoint: Path, todo: list[Candidate], args, writer: RowWriter, report
             reporter.bar.update(len(indices) + len(errors) + len(ignored))
 
 
-def encode_ahead(batches: Iterator, encode: Callable) -> Iterator:
-    """encode(batch) for each batch, the next one computed in a thread while the caller decodes
-    this one (ONNX Runtime and PyTorch release the GIL while they compute)."""
-    with ThreadPoolExecutor(1, thread_name_prefix="encoder") as pool:
-        pending = None
+# ONNX Runtime encodes one batch per core, each on a single thread, rather than one batch at a
+# time on all cores: EfficientNet's many small layers keep threads waiting for each other,
+# worse when they share the cores with the image workers and the decoder (measured: +15%).
+ENCODER_THREADS = 1
+
+
+def encode_ahead(batches: Iterator, encode: Callable, depth: int) -> Iterator:
+    """encode(batch) for each batch, in order, with `depth` batches encoding in threads while the
+    caller decodes (ONNX Runtime and PyTorch release the GIL while they compute)."""
+    with ThreadPoolExecutor(depth, thread_name_prefix="encoder") as pool:
+        pending: collections.deque = collections.deque()
         for batch in batches:
-            upcoming = pool.submit(encode, batch)
-            if pending is not None:
-                yield pending.result()
-            pending = upcoming
-        if pending is not None:
-            yield pending.result()
+            pending.append(pool.submit(encode, batch))
+            if len(pending) > depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def checkpoint_preprocess(checkpoint: Path) -> PreprocessConfig:
@@ -420,7 +426,9 @@ def load_captioner(checkpoint: Path, args):
 
     fast = not getattr(args, "no_fast", False)
     with torch_threads(1):    # loading runs the CNN once on a dummy image: see run()
-        captioner = Captioner.load(checkpoint, device=args.device, fast=fast)
+        captioner = Captioner.load(checkpoint, device=args.device, fast=False)
+    if fast:
+        captioner.enable_fast_encoder(threads=ENCODER_THREADS)
     if fast and not getattr(args, "no_int8", False) and captioner.device.type == "cpu":
         decoders = quantize_decoders(captioner.decoders)
         if decoders is not None:

@@ -165,9 +165,10 @@ def test_make_encode_fn_uses_the_fast_path(tiny_captioner, flickr8k_tiny):
         assert torch.allclose(encode(images), tiny_captioner.encoder(images), atol=1e-4)
 
 
-def test_enable_fast_encoder_can_be_switched_off(tiny_checkpoint):
+def test_enable_fast_encoder_threads_and_off(tiny_checkpoint):
     captioner = Captioner.load(tiny_checkpoint, fast=False)
-    assert captioner.enable_fast_encoder() is True
+    assert captioner.enable_fast_encoder(threads=1) is True
+    assert captioner.fast_encoder.session.get_session_options().intra_op_num_threads == 1
     assert captioner.enable_fast_encoder(False) is False and captioner.fast_encoder is None
 
 
