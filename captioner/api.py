@@ -166,16 +166,21 @@ class Captioner(nn.Module):
         return self.encoder(images.to(self.device)).float()
 
     def step(self, tokens: torch.Tensor, state: tuple[torch.Tensor, ...]):
-        """Decoding step of the (ensemble) model: average of the decoders' word probabilities."""
+        """Decoding step of the (ensemble) model: the decoders' word probabilities averaged, with
+        <pad>, <start> and <unk> never generated (renormalised over the remaining words)."""
         if len(self.decoders) == 1:
-            return self.decoders[0].step(tokens, state)
-        all_logprobs, new_state = [], []
-        for i, decoder in enumerate(self.decoders):
-            logprobs, (h, c) = decoder.step(tokens, state[2 * i: 2 * i + 2])
-            all_logprobs.append(logprobs)
-            new_state += [h, c]
-        stacked = torch.stack(all_logprobs)                                   # (M, N, V)
-        return torch.logsumexp(stacked, dim=0) - math.log(len(self.decoders)), tuple(new_state)
+            logprobs, new_state = self.decoders[0].step(tokens, state)
+        else:
+            all_logprobs, states = [], []
+            for i, decoder in enumerate(self.decoders):
+                member_logprobs, (h, c) = decoder.step(tokens, state[2 * i: 2 * i + 2])
+                all_logprobs.append(member_logprobs)
+                states += [h, c]
+            stacked = torch.stack(all_logprobs)                               # (M, N, V)
+            logprobs, new_state = torch.logsumexp(stacked, dim=0), tuple(states)
+        banned = [self.vocab.pad_id, self.vocab.bos_id, self.vocab.unk_id]
+        logprobs = logprobs.index_fill(1, torch.tensor(banned, device=logprobs.device), float("-inf"))
+        return torch.log_softmax(logprobs, dim=-1), new_state                  # (N, V)
 
     def start_state(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
         state = []

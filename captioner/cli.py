@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     p.add_argument("--no-feature-norm", action="store_true")
     for f in fields(TrainConfig):
-        if f.name in ("output", "fine_tune_cnn", "resume", "amp", "extras", "cache_dir"):
+        if f.name in ("output", "fine_tune_cnn", "resume", "amp", "cache_dir"):
             continue
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     p.add_argument("--cache-dir", help="feature cache folder (default ~/.cache/captioner/features)")
@@ -143,7 +143,7 @@ def cmd_train(args) -> int:
                             feature_norm=not args.no_feature_norm)
     data_cfg = data_config(args)
     train_values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
-                    if f.name not in ("amp", "extras") and hasattr(args, f.name)}
+                    if f.name != "amp" and hasattr(args, f.name)}
     train_cfg = TrainConfig(**{**train_values, "amp": not args.no_amp})
     best = fit(model_cfg, data_cfg, train_cfg)
     if os.environ.get("RANK", "0") == "0":     # under torchrun: once, not once per process
