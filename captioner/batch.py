@@ -429,6 +429,10 @@ def load_captioner(checkpoint: Path, args):
         captioner = Captioner.load(checkpoint, device=args.device, fast=False)
     if fast:
         captioner.enable_fast_encoder(threads=ENCODER_THREADS)
+    if captioner.fast_encoder is None and captioner.device.type == "cpu":
+        # Eager CNN (--no-fast, or no ONNX Runtime): channels-last weights make its convolutions
+        # ~1.5x faster on CPU (65 -> 43 core-ms per image), with features equal to 1e-5.
+        captioner.encoder.to(memory_format=torch.channels_last)
     if fast and not getattr(args, "no_int8", False) and captioner.device.type == "cpu":
         decoders = quantize_decoders(captioner.decoders)
         if decoders is not None:
