@@ -35,3 +35,8 @@ train-flickr8k: $(STAMP)
 
 evaluate-flickr8k: $(STAMP)
 	$(PY) -m captioner evaluate --dataset flickr8k --data-root $(FLICKR8K) --split test --method beam --beam-size 3
+
+# Speed measurements quoted in the README (need ../shared/data/flickr8k).
+bench: $(STAMP)
+	$(PY) benchmarks/bench_caption.py --repeats 3 --subprocess
+	$(PY) benchmarks/bench_webapp.py

@@ -38,6 +38,7 @@ from .datasets import (CaptionTokens, ImageCaptions, cache_files, cache_key, cac
                        holdout_split, load_coco, load_flickr8k, merge_feature_shards, pad_tokens)
 from .encoder import build_backbone
 from .evaluate import caption_records, score_captions
+from .fast_encoder import make_encode_fn
 from .model import CaptionDecoder, caption_loss
 from .preprocess import open_image, resize, to_tensor
 from .vocab import Vocabulary
@@ -141,10 +142,16 @@ def feature_cache(encoder: nn.Module, backbone: str, preprocess_cfg: PreprocessC
     """Memory-mapped fp16 features (N, D) of the records' images and a mask of the readable ones,
     computed once: under torchrun each rank encodes 1/world of the images and rank 0 merges."""
     encoder.eval()
+    fast_encode = None
 
     @torch.inference_mode()
     def encode(images: torch.Tensor) -> torch.Tensor:
-        return encoder(images.to(device)).float()                    # (B, D)
+        # Built on first use only (an ONNX export takes seconds and a built cache needs none):
+        # ONNX Runtime on CPU, as `captioner caption` uses, eager PyTorch on CUDA.
+        nonlocal fast_encode
+        if fast_encode is None:
+            fast_encode = make_encode_fn(encoder, preprocess_cfg, device)
+        return fast_encode(images).float()                          # (B, D)
 
     paths = [r.path for r in records]
     args = dict(cache_dir=cache_dir, batch_size=64, num_workers=num_workers)
