@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from .checkpoint import CheckpointError, atomic_write, load_tensors, resolve_checkpoint
 from .config import PreprocessConfig, from_dict
 from .fast_encoder import FastEncoderWarning, cpu_count, quantize_decoders
-from .preprocess import ImageLoadError, preprocess
+from .preprocess import ImageLoadError, header_size, preprocess
 
 FIELDS = ("image", "caption", "score", "error")     # CSV columns; JSON rows use the same keys
 
@@ -129,23 +129,10 @@ def read_image(path: str, cfg: PreprocessConfig) -> torch.Tensor:
             raise ImageLoadError("not a regular file")
         if info.st_size == 0:
             raise NotAnImage("empty file")
-        # The size comes from the header, before a single pixel is decoded, so memory stays
-        # bounded whatever the file claims. Pillow itself raises beyond twice its pixel limit and
-        # only warns between 1x and 2x: that warning is an error here, and so is any size over
-        # the limit that a format plugin reports later than Pillow's own check.
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = image.size
-            limit = Image.MAX_IMAGE_PIXELS
-            if limit and width * height > limit:
-                raise ImageLoadError(f"refused: {width}x{height} pixels exceeds the limit of {limit} "
-                                     "(decompression bomb?)")
-            return preprocess(path, cfg)
+        header_size(path)          # refuses a decompression bomb before decoding a pixel
+        return preprocess(path, cfg)
     except UnidentifiedImageError:
         raise NotAnImage("not an image (no format Pillow reads recognises its content)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageLoadError(f"refused before decoding: {exc}") from None
     except FileNotFoundError:
         raise ImageLoadError("no such file or directory") from None
     except PermissionError:

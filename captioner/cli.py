@@ -8,7 +8,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .config import DataConfig, DecodeConfig, ModelConfig, TrainConfig
+from .config import DataConfig, ModelConfig, TrainConfig
 
 
 def add_decode_args(parser: argparse.ArgumentParser, default_method: str | None = None) -> None:

@@ -6,6 +6,7 @@ orientation, flattens transparency onto white and resizes as the checkpoint's Pr
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,33 @@ from .config import PreprocessConfig
 
 class ImageLoadError(Exception):
     """An input that is not a readable image (the message says why, for one error row)."""
+
+
+class ImageTooLarge(ImageLoadError):
+    """Refused from the header, before decoding; size is (width, height) when the header gave it."""
+
+    def __init__(self, message: str, size: tuple[int, int] | None = None):
+        super().__init__(message)
+        self.size = size
+
+
+def header_size(path: str | os.PathLike, max_pixels: int | None = None) -> tuple[int, int]:
+    """(width, height) from the file header alone, no pixel decoded, so memory stays bounded
+    whatever the file claims. Beyond max_pixels (default: Pillow's limit) -> ImageTooLarge.
+    Pillow itself only warns between 1x and 2x its limit: that warning is a refusal here.
+    Files that are not images raise as Image.open does."""
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageTooLarge(f"refused before decoding: {exc}") from None
+    if limit and width * height > limit:
+        raise ImageTooLarge(f"refused: {width}x{height} pixels exceeds the limit of {limit} "
+                            "(decompression bomb?)", (width, height))
+    return width, height
 
 
 def open_image(source, target_size: int | None = None) -> Image.Image:

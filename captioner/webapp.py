@@ -19,11 +19,10 @@ from typing import Any
 
 import gradio as gr
 import torch
-from PIL import Image
 
 from .api import Caption, Captioner, default_checkpoint
 from .checkpoint import CheckpointError
-from .preprocess import ImageLoadError
+from .preprocess import ImageLoadError, ImageTooLarge, header_size
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 # A 50-megapixel phone photo passes; a decompression bomb (a tiny file that decodes to gigabytes)
@@ -71,17 +70,17 @@ class BadRequest(Exception):
 def check_image(path: str | os.PathLike) -> None:
     """Refuse non-images and oversized images from the header alone (nothing is decoded)."""
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except Image.DecompressionBombError:
-        raise BadRequest("This image is far too large (a decompression bomb?); "
-                       f"the limit is {MAX_PIXELS / 1e6:.0f} megapixels.") from None
+        header_size(path, MAX_PIXELS)
+    except ImageTooLarge as exc:
+        if exc.size is None:
+            raise BadRequest("This image is far too large (a decompression bomb?); "
+                             f"the limit is {MAX_PIXELS / 1e6:.0f} megapixels.") from None
+        width, height = exc.size
+        raise BadRequest(f"This image is too large: {width}x{height} pixels "
+                         f"({width * height / 1e6:.0f} megapixels; the limit is {MAX_PIXELS / 1e6:.0f}).") from None
     except (OSError, SyntaxError, ValueError):
         raise BadRequest("This file is not an image (or a format Pillow cannot read): "
-                       "please upload a JPEG, PNG, WebP, GIF, BMP or TIFF photo.") from None
-    if width * height > MAX_PIXELS:
-        raise BadRequest(f"This image is too large: {width}x{height} pixels "
-                       f"({width * height / 1e6:.0f} megapixels; the limit is {MAX_PIXELS / 1e6:.0f}).")
+                         "please upload a JPEG, PNG, WebP, GIF, BMP or TIFF photo.") from None
 
 
 def upload_path(image: Any) -> str:
