@@ -51,15 +51,18 @@ def decode_batch(step, state, cfg: DecodeConfig, bos_id: int, eos_id: int,
                  generator: torch.Generator | None = None) -> list[list[decoding.Hypothesis]]:
     """Run the decoding method named by cfg; n-best lists per batch item."""
     if cfg.method == "greedy":
-        return [[h] for h in decoding.greedy(step, state, bos_id, eos_id, max_len=cfg.max_len)]
+        return [[h] for h in decoding.greedy(step, state, bos_id, eos_id, max_len=cfg.max_len,
+                                             no_repeat_ngram_size=cfg.no_repeat_ngram_size)]
     if cfg.method == "sample":
         return decoding.sample(step, state, bos_id, eos_id, max_len=cfg.max_len,
                                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                               generator=generator, num_samples=cfg.n_best)
+                               generator=generator, num_samples=cfg.n_best,
+                               no_repeat_ngram_size=cfg.no_repeat_ngram_size)
     if cfg.method == "beam":
         return decoding.beam_search(step, state, bos_id, eos_id, max_len=cfg.max_len,
                                     beam_size=max(cfg.beam_size, cfg.n_best),
-                                    length_penalty=cfg.length_penalty, n_best=cfg.n_best)
+                                    length_penalty=cfg.length_penalty, n_best=cfg.n_best,
+                                    no_repeat_ngram_size=cfg.no_repeat_ngram_size)
     raise ValueError(f"unknown decoding method {cfg.method!r} (greedy | sample | beam)")
 
 

@@ -21,10 +21,13 @@ def add_decode_args(parser: argparse.ArgumentParser, default_method: str | None 
     group.add_argument("--top-k", type=int)
     group.add_argument("--top-p", type=float)
     group.add_argument("--seed", type=int)
+    group.add_argument("--no-repeat-ngram-size", type=int, metavar="N",
+                       help="never repeat an n-gram of N words (0 = off)")
 
 
 def decode_overrides(args) -> dict:
-    names = ("method", "beam_size", "max_len", "length_penalty", "temperature", "top_k", "top_p", "seed")
+    names = ("method", "beam_size", "max_len", "length_penalty", "temperature", "top_k", "top_p", "seed",
+             "no_repeat_ngram_size")
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 

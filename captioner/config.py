@@ -64,6 +64,7 @@ class DecodeConfig:
     top_p: float = 1.0
     seed: int | None = None
     n_best: int = 1
+    no_repeat_ngram_size: int = 0    # > 0: never repeat an n-gram of this size ("a horse on a horse")
 
 
 @dataclass

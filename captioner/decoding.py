@@ -23,7 +23,8 @@ import torch
 State = tuple[torch.Tensor, ...]  # every tensor has the batch dimension first (dim 0)
 StepFn = Callable[[torch.Tensor, State], tuple[torch.Tensor, State]]
 
-__all__ = ["State", "StepFn", "Hypothesis", "greedy", "sample", "beam_search", "length_normalised"]
+__all__ = ["State", "StepFn", "Hypothesis", "greedy", "sample", "beam_search", "length_normalised",
+           "repeated_ngram_bans"]
 
 
 @dataclass
@@ -50,26 +51,53 @@ def length_normalised(logprob: float, length: int, alpha: float) -> float:
     return logprob / length**alpha
 
 
+def repeated_ngram_bans(history: list[int], n: int) -> list[int]:
+    """Tokens that would complete an n-gram already in ``history`` ("a horse on a horse": with
+    n=2, after "... a" the token "horse" is banned). n=0 bans nothing."""
+    if n <= 0 or len(history) < n - 1:
+        return []
+    suffix = history[len(history) - n + 1:] if n > 1 else []
+    return [history[i + n - 1] for i in range(len(history) - n + 1) if history[i:i + n - 1] == suffix]
+
+
+def _block_repeats(logprobs: torch.Tensor, histories: list[list[int]], n: int) -> torch.Tensor:
+    """logprobs (N, V) with -inf where a token would repeat an n-gram of its row's history.
+    Blocking steers the search only: the log-probs a Hypothesis reports stay the model's."""
+    if n <= 0:
+        return logprobs
+    rows = [(r, t) for r, h in enumerate(histories) for t in repeated_ngram_bans(h, n)]
+    if not rows:
+        return logprobs
+    index = torch.tensor(rows, device=logprobs.device).T                         # (2, bans)
+    return logprobs.index_put((index[0], index[1]),
+                              torch.tensor(-math.inf, device=logprobs.device, dtype=logprobs.dtype))
+
+
 def _expand(state: State, n: int) -> State:
     """Repeat every row n times, keeping copies of the same row adjacent (item-major order)."""
     return tuple(s.repeat_interleave(n, dim=0) for s in state)
 
 
 def _rollout(step: StepFn, state: State, bos_id: int, eos_id: int, max_len: int,
-             pick: Callable[[torch.Tensor], torch.Tensor]) -> list[Hypothesis]:
+             pick: Callable[[torch.Tensor], torch.Tensor], no_repeat_ngram_size: int = 0) -> list[Hypothesis]:
     """Decode every row of ``state`` left to right, choosing each token with ``pick``.
 
-    ``pick`` maps logprobs (N, V) to tokens (N,). Returns one Hypothesis per row.
+    ``pick`` maps logprobs (N, V) to tokens (N,), after tokens that would repeat an n-gram of
+    size ``no_repeat_ngram_size`` (0 = off) are masked. Returns one Hypothesis per row.
     """
     n = state[0].shape[0]
     device = state[0].device
     tokens = torch.full((n,), bos_id, dtype=torch.long, device=device)  # (N,)
     finished = torch.zeros(n, dtype=torch.bool, device=device)  # (N,)
     chosen, chosen_lp = [], []
+    histories: list[list[int]] = [[] for _ in range(n)]
     for _ in range(max_len):
         logprobs, state = step(tokens, state)  # (N, V)
         # The model runs batched, so finished rows are still fed (eos); what they produce is dropped.
-        tokens = pick(logprobs).masked_fill(finished, eos_id)  # (N,)
+        tokens = pick(_block_repeats(logprobs, histories, no_repeat_ngram_size)).masked_fill(finished, eos_id)  # (N,)
+        if no_repeat_ngram_size:
+            for h, t in zip(histories, tokens.tolist()):
+                h.append(t)
         chosen.append(tokens)
         chosen_lp.append(logprobs.gather(1, tokens[:, None]).squeeze(1))  # (N,)
         finished = finished | (tokens == eos_id)
@@ -86,14 +114,18 @@ def _rollout(step: StepFn, state: State, bos_id: int, eos_id: int, max_len: int,
     return hyps
 
 
-def greedy(step: StepFn, state: State, bos_id: int, eos_id: int, max_len: int = 20) -> list[Hypothesis]:
-    """Pick the most likely token at every step. Returns one Hypothesis per batch item."""
-    return _rollout(step, state, bos_id, eos_id, max_len, lambda logprobs: logprobs.argmax(-1))
+def greedy(step: StepFn, state: State, bos_id: int, eos_id: int, max_len: int = 20,
+           no_repeat_ngram_size: int = 0) -> list[Hypothesis]:
+    """Pick the most likely token at every step (never one that repeats an n-gram of size
+    ``no_repeat_ngram_size``, when > 0). Returns one Hypothesis per batch item."""
+    return _rollout(step, state, bos_id, eos_id, max_len, lambda logprobs: logprobs.argmax(-1),
+                    no_repeat_ngram_size)
 
 
 def sample(step: StepFn, state: State, bos_id: int, eos_id: int, max_len: int = 20,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None, num_samples: int = 1) -> list[list[Hypothesis]]:
+           generator: torch.Generator | None = None, num_samples: int = 1,
+           no_repeat_ngram_size: int = 0) -> list[list[Hypothesis]]:
     """Draw ``num_samples`` sequences per batch item (ancestral sampling).
 
     The model's distribution is divided by ``temperature`` (in log space), then restricted to the
@@ -120,12 +152,13 @@ def sample(step: StepFn, state: State, bos_id: int, eos_id: int, max_len: int = 
         return order.gather(1, choice).squeeze(1)  # (N,)
 
     batch = state[0].shape[0]
-    hyps = _rollout(step, _expand(state, num_samples), bos_id, eos_id, max_len, pick)
+    hyps = _rollout(step, _expand(state, num_samples), bos_id, eos_id, max_len, pick, no_repeat_ngram_size)
     return [hyps[i * num_samples:(i + 1) * num_samples] for i in range(batch)]
 
 
 def beam_search(step: StepFn, state: State, bos_id: int, eos_id: int, max_len: int = 20,
-                beam_size: int = 3, length_penalty: float = 0.0, n_best: int = 1) -> list[list[Hypothesis]]:
+                beam_size: int = 3, length_penalty: float = 0.0, n_best: int = 1,
+                no_repeat_ngram_size: int = 0) -> list[list[Hypothesis]]:
     """Beam search with a pool of finished hypotheses. Returns ``n_best`` hypotheses per item, best first.
 
     Each item keeps ``beam_size`` live (eos-free) beams; the state is expanded to B*K rows and
@@ -133,7 +166,8 @@ def beam_search(step: StepFn, state: State, bos_id: int, eos_id: int, max_len: i
     pool, ranked by ``length_normalised(logprob, length, length_penalty)``; beams still live at
     ``max_len`` join the pool unterminated. An item stops as soon as no live beam can beat the
     ``n_best``-th hypothesis of its pool. ``beam_size=1`` reproduces greedy (with length_penalty 0);
-    a beam of at least V**max_len is exhaustive search.
+    a beam of at least V**max_len is exhaustive search. ``no_repeat_ngram_size`` > 0 never extends
+    a beam with a token that repeats one of its n-grams (scores stay the model's log-probs).
     """
     if not 1 <= n_best <= beam_size or length_penalty < 0:
         raise ValueError("need 1 <= n_best <= beam_size and length_penalty >= 0")
@@ -156,7 +190,8 @@ def beam_search(step: StepFn, state: State, bos_id: int, eos_id: int, max_len: i
         logprobs, state = step(tokens, state)  # (B*K, V)
         V = logprobs.shape[1]
         prev = torch.tensor(live_lp, dtype=torch.float64, device=device)  # (B*K,)
-        cand = (prev[:, None] + logprobs.double()).reshape(B, K * V)  # (B, K*V)
+        allowed = _block_repeats(logprobs, hist, no_repeat_ngram_size)  # (B*K, V)
+        cand = (prev[:, None] + allowed.double()).reshape(B, K * V)  # (B, K*V)
         # At most one eos per beam, so the top 2K always hold K live candidates if K are possible.
         top_lp, top_idx = cand.topk(min(2 * K, K * V), dim=1)  # (B, 2K)
         top_tok_lp = logprobs.reshape(B, K * V).gather(1, top_idx)  # (B, 2K)

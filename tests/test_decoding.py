@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from captioner.decoding import Hypothesis, beam_search, greedy, length_normalised, sample
+from captioner.decoding import (Hypothesis, beam_search, greedy, length_normalised,
+                                repeated_ngram_bans, sample)
 
 BOS, EOS, A, B, C = 0, 1, 2, 3, 4
 V = 5
@@ -315,3 +316,75 @@ def test_sample_rejects_bad_arguments():
 def test_hypothesis_is_plain_data():
     h = Hypothesis([A], -1.0, -1.0, [-0.5])
     assert h == Hypothesis([A], -1.0, -1.0, [-0.5])
+
+
+# ---------------------------------------------------------------- blocking repeated n-grams
+
+def test_repeated_ngram_bans():
+    # "a horse on a" -> with bigrams blocked, "horse" may not follow "a" again
+    a, horse, on = 10, 11, 12
+    assert repeated_ngram_bans([a, horse, on, a], 2) == [horse]
+    assert repeated_ngram_bans([a, horse, on, a], 3) == []            # "on a" was never followed
+    assert repeated_ngram_bans([a, horse, a, horse, on], 3) == []
+    assert repeated_ngram_bans([a, horse, a], 3) == []
+    assert sorted(repeated_ngram_bans([a, horse, on], 1)) == sorted([a, horse, on])
+    assert repeated_ngram_bans([a, horse, on, a], 0) == []
+    assert repeated_ngram_bans([a], 2) == []                          # "a" was never followed
+
+
+def has_repeat(tokens, n):
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+# After a: a again (.6) is greedy's choice, so unblocked greedy writes "a a a ...".
+LOOP_TABLE = torch.tensor([
+    # bos  eos   a     b     c
+    [0.0, 0.0, 0.70, 0.20, 0.10],  # after bos
+    [0.0, 1.0, 0.0, 0.0, 0.0],     # after eos
+    [0.0, 0.1, 0.60, 0.20, 0.10],  # after a
+    [0.0, 0.3, 0.40, 0.20, 0.10],  # after b
+    [0.0, 0.9, 0.05, 0.03, 0.02],  # after c
+])
+
+
+def test_greedy_blocking_hand_table():
+    step = table_step(LOOP_TABLE)
+    assert greedy(step, inert_state(1), BOS, EOS, max_len=4)[0].tokens == [A, A, A, A]
+    h = greedy(step, inert_state(1), BOS, EOS, max_len=6, no_repeat_ngram_size=2)[0]
+    # a a (bigram "a a" now used) -> after a: a banned, b (.2) -> after b: a (.4) -> "b a" used,
+    # after a: a banned ("a a"), b banned ("a b"); eos and c tie at .1, eos first (like argmax)
+    assert h.tokens == [A, A, B, A]
+    # The reported log-probs stay the model's (not renormalised over the allowed tokens).
+    assert h.logprob == pytest.approx(ln(.7 * .6 * .2 * .4 * .1), abs=1e-5)
+
+
+def brute_force_blocked(step, state, max_len, alpha, n):
+    return [e for e in brute_force(step, state, max_len, alpha) if not has_repeat(e[0], n)]
+
+
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("seed", [0, 3])
+def test_wide_beam_with_blocking_equals_constrained_brute_force(seed, n):
+    max_len = 4
+    step, st = random_model(seed)
+    beams = beam_search(step, st, BOS, EOS, max_len, beam_size=V**max_len, length_penalty=0.5,
+                        n_best=2, no_repeat_ngram_size=n)
+    for i, hyps in enumerate(beams):
+        expected = brute_force_blocked(step, row(st, i), max_len, 0.5, n)[:2]
+        assert [h.tokens for h in hyps] == [e[0] for e in expected]
+        assert [h.score for h in hyps] == pytest.approx([e[2] for e in expected])
+        for h in hyps:
+            lps, total = rescore(step, row(st, i), h, max_len)
+            assert h.token_logprobs == pytest.approx(lps) and h.logprob == pytest.approx(total)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_blocking_beam_1_equals_blocking_greedy_and_sampling_obeys_it(seed):
+    step, st = random_model(seed, items=4)
+    g = greedy(step, st, BOS, EOS, max_len=8, no_repeat_ngram_size=2)
+    b = beam_search(step, st, BOS, EOS, max_len=8, beam_size=1, no_repeat_ngram_size=2)
+    assert [h.tokens for h in g] == [hs[0].tokens for hs in b]
+    assert not any(has_repeat(h.tokens, 2) for h in g)
+    drawn = draw(step, st, seed, max_len=8, num_samples=5, no_repeat_ngram_size=2)
+    assert not any(has_repeat(h.tokens, 2) for hs in drawn for h in hs)
