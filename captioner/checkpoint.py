@@ -45,7 +45,8 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                  metadata: Mapping[str, Any], half: bool = False) -> None:
     """Write tensors + JSON metadata atomically. half=True stores floating tensors as fp16."""
     def prepare(t: torch.Tensor) -> torch.Tensor:
-        t = t.detach().cpu()
+        # A copy: safetensors refuses tensors that share memory (tied embedding and readout).
+        t = t.detach().cpu().clone()
         if half and t.is_floating_point():
             t = t.half()
         return t.contiguous()

@@ -86,12 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name in ("embed_dim", "hidden_dim", "num_layers", "dropout"):
             p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     p.add_argument("--no-feature-norm", action="store_true")
+    p.add_argument("--tie-embeddings", action="store_true",
+                   help="the readout layer shares the word embedding (needs --embed-dim == --hidden-dim)")
     for f in fields(TrainConfig):
-        if f.name in ("output", "fine_tune_cnn", "resume", "amp", "cache_dir"):
+        if f.name in ("output", "fine_tune_cnn", "resume", "amp", "cache_dir", "flip_augment"):
             continue
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     p.add_argument("--cache-dir", help="feature cache folder (default ~/.cache/captioner/features)")
     p.add_argument("--fine-tune-cnn", action="store_true", help="train the CNN too, with augmentation")
+    p.add_argument("--flip-augment", action="store_true",
+                   help="also cache the mirrored photos' features and train on them half of the time")
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.safetensors")
 
@@ -106,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=TrainConfig.num_workers, help="image-decoding processes")
     p.add_argument("--seed", type=int, default=TrainConfig.seed, help="as for train: picks the COCO holdout")
     p.add_argument("--val-images", type=int, default=TrainConfig.val_images, help="as for train")
+    p.add_argument("--flip-augment", action="store_true", help="as for train: also the mirrored photos")
 
     p = sub.add_parser("evaluate", help="coco-caption metrics (BLEU, METEOR, ROUGE-L, CIDEr) on a split")
     p.add_argument("--checkpoint", help="checkpoint file or folder (default: the shipped model)")
@@ -143,7 +148,7 @@ def cmd_train(args) -> int:
 
     model_cfg = ModelConfig(backbone=args.backbone, embed_dim=args.embed_dim, hidden_dim=args.hidden_dim,
                             num_layers=args.num_layers, dropout=args.dropout,
-                            feature_norm=not args.no_feature_norm)
+                            feature_norm=not args.no_feature_norm, tie_embeddings=args.tie_embeddings)
     data_cfg = data_config(args)
     train_values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
                     if f.name != "amp" and hasattr(args, f.name)}
@@ -158,7 +163,7 @@ def cmd_prepare(args) -> int:
     from .train import prepare_features
 
     train_cfg = TrainConfig(cache_dir=args.cache_dir, device=args.device, num_workers=args.num_workers,
-                            seed=args.seed, val_images=args.val_images)
+                            seed=args.seed, val_images=args.val_images, flip_augment=args.flip_augment)
     counts = prepare_features(ModelConfig(backbone=args.backbone), data_config(args), train_cfg)
     if os.environ.get("RANK", "0") == "0":
         for split, (readable, total) in counts.items():

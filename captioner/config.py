@@ -51,6 +51,8 @@ class ModelConfig:
     num_layers: int = 1
     dropout: float = 0.5             # on features, embeddings and LSTM outputs
     feature_norm: bool = True        # LayerNorm on pooled features before the init layers
+    # The readout shares the word embedding's weights (Press & Wolf 2017; needs embed_dim == hidden_dim).
+    tie_embeddings: bool = False
 
 
 @dataclass
@@ -103,4 +105,12 @@ class TrainConfig:
     checkpoint_every: int = 500      # steps between resumable checkpoints (and at every epoch end)
     val_images: int = 0              # 0 = all of the validation split
     label_smoothing: float = 0.0
+    # Scheduled sampling (Bengio et al. 2015): each input word after <start> is replaced, with this
+    # probability, by a word sampled from the model's own prediction; ramped up linearly from 0 over
+    # the first `scheduled_sampling_ramp` epochs ("always sample" from the start collapses). Targets
+    # stay the one-hot next words.
+    scheduled_sampling: float = 0.0
+    scheduled_sampling_ramp: int = 5
+    # Train on the features of horizontally flipped photos half of the time (a second feature cache).
+    flip_augment: bool = False
     resume: bool = False

@@ -31,6 +31,11 @@ class CaptionDecoder(nn.Module):
                             dropout=cfg.dropout if cfg.num_layers > 1 else 0.0)
         self.dropout = nn.Dropout(cfg.dropout)
         self.readout = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
+        if cfg.tie_embeddings:
+            if cfg.embed_dim != cfg.hidden_dim:
+                raise ValueError(f"tie_embeddings needs embed_dim == hidden_dim "
+                                 f"(got {cfg.embed_dim} and {cfg.hidden_dim})")
+            self.readout.weight = self.embed.weight                           # (V, H) shared
 
     def init_state(self, features: torch.Tensor) -> State:
         """Image features (B, D) -> LSTM state (h0, c0), each (L, B, H)."""

@@ -136,11 +136,18 @@ def training_records(data_cfg: DataConfig, cfg: TrainConfig
     return train, val[: cfg.val_images] if cfg.val_images else val
 
 
+def hflip(path: str) -> Image.Image:
+    """The photo mirrored left to right: the second view of the flip-augmented feature cache."""
+    return open_image(path).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+
+
 def feature_cache(encoder: nn.Module, backbone: str, preprocess_cfg: PreprocessConfig,
                   records: list[ImageCaptions], cache_dir: Path, world: World,
-                  device: torch.device, num_workers: int) -> tuple[np.ndarray, np.ndarray]:
-    """Memory-mapped fp16 features (N, D) of the records' images and a mask of the readable ones,
-    computed once: under torchrun each rank encodes 1/world of the images and rank 0 merges."""
+                  device: torch.device, num_workers: int, flipped: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Memory-mapped fp16 features (N, D) of the records' images (mirrored when `flipped`) and a
+    mask of the readable ones, computed once: under torchrun each rank encodes 1/world of the
+    images and rank 0 merges."""
     encoder.eval()
     fast_encode = None
 
@@ -154,9 +161,10 @@ def feature_cache(encoder: nn.Module, backbone: str, preprocess_cfg: PreprocessC
         return fast_encode(images).float()                          # (B, D)
 
     paths = [r.path for r in records]
-    args = dict(cache_dir=cache_dir, batch_size=64, num_workers=num_workers)
+    args = dict(cache_dir=cache_dir, batch_size=64, num_workers=num_workers,
+                variant="hflip" if flipped else "", transform=hflip if flipped else None)
     if world.size > 1:
-        key = cache_key(backbone, preprocess_cfg, paths)
+        key = cache_key(backbone, preprocess_cfg, paths, args["variant"])
         # Decided together: a rank that skipped the shards would leave the others at the barrier.
         if not world.all_true(cache_files(cache_dir, key)[1].is_file()):
             cached_features(encode, backbone, preprocess_cfg, paths, shard=(world.rank, world.size),
@@ -228,10 +236,32 @@ class ImageTokens(Dataset):
         return self.augment(self.records[row].path, self.epoch, i), ids
 
 
-def feature_batch(batch, features: np.ndarray, pad_id: int):
-    rows = np.array([row for row, _ in batch])
-    inputs = torch.from_numpy(np.asarray(features[rows], dtype=np.float32))      # (B, D)
-    return inputs, pad_tokens([ids for _, ids in batch], pad_id)                   # (B, T)
+class FlipChoice(Dataset):
+    """(feature row, token ids, mirrored?) per caption: with a flip-augmented cache each caption
+    sees the mirrored photo's features half of the time. Like Augment, the draw depends only on
+    (seed, epoch, item), so a resumed run sees what the uninterrupted one saw."""
+
+    def __init__(self, tokens: CaptionTokens, seed: int, enabled: bool):
+        self.tokens, self.seed, self.enabled = tokens, seed, enabled
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i: int) -> tuple[int, list[int], bool]:
+        row, ids = self.tokens[i]
+        mirrored = self.enabled and np.random.default_rng([self.seed, self.epoch, i]).random() < 0.5
+        return row, ids, bool(mirrored)
+
+
+def feature_batch(batch, features: np.ndarray, pad_id: int, mirrored_features: np.ndarray | None = None):
+    rows = np.array([item[0] for item in batch])
+    inputs = np.asarray(features[rows], dtype=np.float32)                          # (B, D)
+    if mirrored_features is not None:
+        mirrored = np.array([item[2] for item in batch])                           # (B,) bool
+        if mirrored.any():
+            inputs[mirrored] = np.asarray(mirrored_features[rows[mirrored]], dtype=np.float32)
+    return torch.from_numpy(inputs), pad_tokens([item[1] for item in batch], pad_id)   # (B, D), (B, T)
 
 
 def image_batch(batch, pad_id: int):
@@ -323,6 +353,10 @@ class Trainer:
         # Cached features train the decoder while the CNN is frozen (when fine-tuning: the settling
         # epochs), and their mask of readable images decides which images fine-tuning reads.
         self.train_features, usable = features(self.train_records)
+        self.mirrored_features = None
+        if cfg.flip_augment:
+            self.mirrored_features, mirrored_usable = features(self.train_records, flipped=True)
+            usable = usable & mirrored_usable
         self.val_features, self.val_usable = features(self.val_records)
         self.tokens = CaptionTokens(self.train_records, self.vocab, self.data_cfg.max_caption_len, usable)
         if len(self.tokens) == 0:
@@ -332,9 +366,11 @@ class Trainer:
         self.steps_per_epoch = math.ceil(self.sampler.num_samples / self.per_rank)
         # Private generators: starting a loader must not draw from the global torch RNG, which
         # drives dropout and is restored on resume.
+        self.feature_items = FlipChoice(self.tokens, cfg.seed, enabled=cfg.flip_augment)
         self.feature_loader = DataLoader(
-            self.tokens, batch_size=self.per_rank, sampler=self.sampler, generator=torch.Generator(),
-            collate_fn=partial(feature_batch, features=self.train_features, pad_id=self.vocab.pad_id))
+            self.feature_items, batch_size=self.per_rank, sampler=self.sampler, generator=torch.Generator(),
+            collate_fn=partial(feature_batch, features=self.train_features, pad_id=self.vocab.pad_id,
+                               mirrored_features=self.mirrored_features))
         if cfg.fine_tune_cnn:
             self.images = ImageTokens(self.tokens, self.train_records,
                                       Augment(self.captioner.preprocess_cfg, cfg.seed))
@@ -353,6 +389,7 @@ class Trainer:
         if uses_images:
             self.images.epoch = epoch
             return self.image_loader
+        self.feature_items.epoch = epoch
         return self.feature_loader
 
     def wrap(self, uses_images: bool) -> nn.Module:
@@ -389,8 +426,9 @@ class Trainer:
         self.model.train()
         inputs = inputs.to(self.device, non_blocking=True)     # features (B, D) or images (B, 3, S, S)
         tokens = tokens.to(self.device, non_blocking=True)     # (B, T)
+        fed = self.scheduled_inputs(inputs, tokens)            # (B, T): tokens, some replaced by samples
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
-            logits = self.model(inputs, tokens)                # (B, T, V)
+            logits = self.model(inputs, fed)                   # (B, T, V)
         loss = caption_loss(logits, tokens, pad_id, cfg.label_smoothing)   # mean over this rank's words
         words = (tokens[:, 1:] != pad_id).sum()
         loss_sum = loss * words
@@ -408,6 +446,34 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return float(totals[0] / totals[1])
+
+    def sampling_probability(self) -> float:
+        """Scheduled sampling's replacement probability now: linear from 0 to its maximum over the
+        first `scheduled_sampling_ramp` epochs."""
+        cfg = self.cfg
+        if cfg.scheduled_sampling <= 0:
+            return 0.0
+        progress = self.state["global_step"] / max(1, cfg.scheduled_sampling_ramp * self.steps_per_epoch)
+        return cfg.scheduled_sampling * min(1.0, progress)
+
+    @torch.no_grad()
+    def scheduled_inputs(self, inputs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The words fed to the LSTM. With scheduled sampling, each word after <start> is replaced
+        with probability p by a word drawn from the model's prediction at that position, made by
+        a teacher-forced pass without gradients (the two-pass form of Duckworth et al. 2019, so
+        the LSTM still runs over whole sequences at once). Padding is never replaced."""
+        p = self.sampling_probability()
+        if p <= 0:
+            return tokens
+        module = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
+            logits = module(inputs, tokens)[:, :-1].float()                      # (B, T-1, V)
+        batch, steps, vocab = logits.shape
+        drawn = torch.multinomial(logits.reshape(-1, vocab).softmax(-1), 1).view(batch, steps)  # (B, T-1)
+        replace = (torch.rand(batch, steps, device=tokens.device) < p) & (tokens[:, 1:] != self.vocab.pad_id)
+        fed = tokens.clone()
+        fed[:, 1:] = torch.where(replace, drawn, tokens[:, 1:])
+        return fed                                                                # (B, T)
 
     # -- validation ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -578,7 +644,8 @@ class Trainer:
             record = {"epoch": epoch + 1, "step": state["global_step"],
                       "train_loss": state["epoch_loss_sum"] / steps if steps else None,
                       "val_BLEU-4": scores.get("BLEU-4"), "val_CIDEr": cider,
-                      "lr": self.optimizer.param_groups[0]["lr"], "epoch_seconds": round(train_seconds, 1)}
+                      "lr": self.optimizer.param_groups[0]["lr"], "epoch_seconds": round(train_seconds, 1),
+                      "sampling_probability": round(self.sampling_probability(), 4)}
             state.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0, epoch_loss_steps=0)
             self.log(record)
             self.save_last()
@@ -638,9 +705,12 @@ def prepare_features(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainCon
         backbone.module.to(device)
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         counts = {}
-        for split, records in (("train", train), ("val", val)):
+        views = [("train", train, False), ("val", val, False)]
+        if cfg.flip_augment:
+            views.append(("train mirrored", train, True))
+        for split, records, flipped in views:
             _, readable = feature_cache(backbone.module, model_cfg.backbone, backbone.preprocess, records,
-                                        cache_dir, world, device, cfg.num_workers)
+                                        cache_dir, world, device, cfg.num_workers, flipped=flipped)
             counts[split] = (int(readable.sum()), len(records))
         return counts
     finally:

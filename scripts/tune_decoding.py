@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", action="append", required=True)
     parser.add_argument("--beam-size", type=int, default=3)
     parser.add_argument("--length-penalty", type=float, nargs="+", default=[0.0])
+    parser.add_argument("--no-repeat-ngram-size", type=int, nargs="+", default=[0])
     parser.add_argument("--greedy", action="store_true", help="also score greedy decoding")
     args = parser.parse_args()
 
@@ -47,8 +48,9 @@ def main() -> None:
         ensemble = Captioner(first.encoder, [d for m in members for d in m.decoders], first.vocab,
                              first.model_cfg, first.preprocess_cfg)
         candidates.append(("ensemble", ensemble))
-    settings = [DecodeConfig(method="beam", beam_size=args.beam_size, length_penalty=lp)
-                for lp in args.length_penalty]
+    settings = [DecodeConfig(method="beam", beam_size=args.beam_size, length_penalty=lp,
+                             no_repeat_ngram_size=n)
+                for lp in args.length_penalty for n in args.no_repeat_ngram_size]
     if args.greedy:
         settings.insert(0, DecodeConfig(method="greedy"))
     for name, model in candidates:
@@ -56,7 +58,7 @@ def main() -> None:
             caps = model.caption_features(feats, cfg)
             scores = score_captions(refs, {records[i].image_id: c.text for i, c in zip(rows, caps)})
             mean_len = np.mean([len(c.words) for c in caps])
-            label = "greedy" if cfg.method == "greedy" else f"beam {cfg.beam_size} lp {cfg.length_penalty}"
+            label = "greedy" if cfg.method == "greedy" else f"beam {cfg.beam_size} lp {cfg.length_penalty} nr {cfg.no_repeat_ngram_size}"
             print(f"{name:40s} {label:18s} " + " ".join(f"{k} {v:.4f}" for k, v in scores.items())
                   + f" len {mean_len:.1f}", flush=True)
 

@@ -223,3 +223,75 @@ def test_mixed_precision_on_cuda(tmp_path):
     assert trainer.use_amp and trainer.scaler.is_enabled()
     trainer.fit()
     assert all(torch.isfinite(p).all() for p in trainer.decoder.parameters())
+
+
+# -- the caption-quality levers: tied embeddings, scheduled sampling, mirrored features ---------
+def test_tied_embeddings_share_one_matrix_and_survive_a_checkpoint(tmp_path):
+    from captioner.api import Captioner
+    from captioner.vocab import Vocabulary
+
+    vocab = Vocabulary.build(["a dog runs", "a cat sits"], min_count=1)
+    cfg = ModelConfig(embed_dim=16, hidden_dim=16, tie_embeddings=True)
+    captioner = Captioner.create(cfg, vocab, pretrained=False)
+    decoder = captioner.decoders[0]
+    assert decoder.readout.weight is decoder.embed.weight
+    with torch.no_grad():
+        decoder.embed.weight.normal_()
+    loaded = Captioner.load(captioner.save(tmp_path / "tied.safetensors"), fast=False)
+    assert loaded.decoders[0].readout.weight is loaded.decoders[0].embed.weight
+    assert torch.equal(loaded.decoders[0].readout.weight, decoder.embed.weight)
+    with pytest.raises(ValueError, match="embed_dim == hidden_dim"):
+        Captioner.create(ModelConfig(embed_dim=16, hidden_dim=32, tie_embeddings=True), vocab, pretrained=False)
+
+
+@requires_java
+def test_scheduled_sampling_ramps_and_never_touches_padding_or_start(tmp_path):
+    split = karpathy_split(tmp_path)
+    data_cfg = DataConfig(dataset="coco", data_root=str(COCO_TINY), karpathy_json=str(split), min_word_count=1,
+                          val_split="val")
+    cfg = TrainConfig(output=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), epochs=2, batch_size=4,
+                      num_workers=0, scheduled_sampling=0.5, scheduled_sampling_ramp=2)
+    trainer = Trainer(ModelConfig(embed_dim=16, hidden_dim=16), data_cfg, cfg)
+    trainer.model = trainer.decoder
+    assert trainer.sampling_probability() == 0.0                       # step 0
+    trainer.state["global_step"] = trainer.steps_per_epoch              # half-way up the ramp
+    assert trainer.sampling_probability() == pytest.approx(0.25)
+    trainer.state["global_step"] = 10 * trainer.steps_per_epoch
+    assert trainer.sampling_probability() == pytest.approx(0.5)         # capped at the maximum
+    features, tokens = next(iter(trainer.begin_epoch(0)))
+    fed = trainer.scheduled_inputs(features, tokens)
+    pad = tokens == trainer.vocab.pad_id
+    assert torch.equal(fed[pad], tokens[pad]) and torch.equal(fed[:, 0], tokens[:, 0])
+    assert not torch.equal(fed, tokens)                                 # p = .5: some words replaced
+
+
+def test_flip_choice_depends_only_on_seed_epoch_and_item():
+    from captioner.train import FlipChoice
+
+    items = [(i % 3, [1, 2]) for i in range(200)]
+    choice = FlipChoice(items, seed=4, enabled=True)
+    first = [choice[i][2] for i in range(200)]
+    assert 60 < sum(first) < 140                                        # about half mirrored
+    assert first == [choice[i][2] for i in range(200)]
+    choice.epoch = 1
+    assert first != [choice[i][2] for i in range(200)]
+    assert not any(FlipChoice(items, seed=4, enabled=False)[i][2] for i in range(200))
+
+
+@requires_java
+def test_kill_and_resume_with_every_quality_lever_matches_uninterrupted(tmp_path):
+    """Mirrored features, scheduled sampling and tied embeddings draw from the seeded streams
+    resuming restores: a run killed after step 8 and resumed ends bit-identical."""
+    split, cache = karpathy_split(tmp_path), tmp_path / "cache"
+    options = dict(dropout=0.3, flip_augment=True, scheduled_sampling=0.3, scheduled_sampling_ramp=1,
+                   tie_embeddings=True)
+    assert cli.main(train_args(split, tmp_path / "whole", cache, **options)) == 0
+    killed = subprocess.run([sys.executable, str(TESTS / "distributed_worker.py")]
+                            + train_args(split, tmp_path / "killed", cache, **options),
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "TEST_KILL_AT_STEP": "8"},
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert cli.main(train_args(split, tmp_path / "killed", cache, resume=True, **options)) == 0
+    whole = checkpoint_tensors(tmp_path / "whole" / "last.safetensors", "decoders.")
+    assert max_difference(whole, checkpoint_tensors(tmp_path / "killed" / "last.safetensors", "decoders.")) == 0.0
+    assert len(list(cache.glob("features-*.npy"))) == 3                 # train, mirrored train, val
