@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from .config import ModelConfig
 
@@ -22,7 +23,7 @@ class CaptionDecoder(nn.Module):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be set from the vocabulary")
-        self.cfg = cfg
+        self.cfg, self.pad_id = cfg, pad_id
         self.feature_norm = nn.LayerNorm(cfg.feature_dim) if cfg.feature_norm else nn.Identity()
         self.init_h = nn.Linear(cfg.feature_dim, cfg.num_layers * cfg.hidden_dim)
         self.init_c = nn.Linear(cfg.feature_dim, cfg.num_layers * cfg.hidden_dim)
@@ -45,12 +46,23 @@ class CaptionDecoder(nn.Module):
         c0 = self.init_c(x).view(batch, layers, hidden).transpose(0, 1).contiguous()
         return h0, c0
 
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, packed: bool = False) -> torch.Tensor:
         """Teacher forcing. tokens (B, T) start with <start>; returns logits (B, T, V) where
-        position t predicts tokens[:, t + 1] (the last position is ignored by the loss)."""
+        position t predicts tokens[:, t + 1] (the last position is ignored by the loss).
+
+        packed=True (training): only the positions that predict a real word are computed, as
+        logits (N, V) in the order of `packed_targets(tokens)`. Captions in a batch differ in
+        length, so about half of a padded batch is padding; packing skips it in the LSTM and
+        the readout, the two costly layers."""
         state = self.init_state(features)
-        outputs, _ = self.lstm(self.dropout(self.embed(tokens)), state)   # (B, T, H)
-        return self.readout(self.dropout(outputs))                           # (B, T, V)
+        inputs = self.dropout(self.embed(tokens))                            # (B, T, E)
+        if not packed:
+            outputs, _ = self.lstm(inputs, state)                            # (B, T, H)
+            return self.readout(self.dropout(outputs))                       # (B, T, V)
+        lengths = target_lengths(tokens, self.pad_id)                        # (B,)
+        outputs, _ = self.lstm(pack_padded_sequence(inputs, lengths, batch_first=True,
+                                                    enforce_sorted=False), state)
+        return self.readout(self.dropout(outputs.data))                     # (N, V)
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """One decoding step. tokens (N,), state batch-first (N, L, H) x 2 -> logprobs (N, V)."""
@@ -65,9 +77,25 @@ class CaptionDecoder(nn.Module):
         return h0.transpose(0, 1), c0.transpose(0, 1)
 
 
+def target_lengths(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Words each caption of tokens (B, T) predicts: everything after <start> up to <end>. On the
+    CPU, as pack_padded_sequence wants."""
+    return (tokens[:, 1:] != pad_id).sum(1).cpu()                           # (B,)
+
+
+def packed_targets(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """The next words (N,) in the order of CaptionDecoder.forward(..., packed=True)'s logits."""
+    return pack_padded_sequence(tokens[:, 1:], target_lengths(tokens, pad_id), batch_first=True,
+                                enforce_sorted=False).data                  # (N,)
+
+
 def caption_loss(logits: torch.Tensor, tokens: torch.Tensor, pad_id: int,
                  label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy of next-word prediction over real tokens only (padding masked)."""
+    """Mean cross-entropy of next-word prediction over real tokens only (padding masked).
+    logits: (B, T, V) from forward(), or (N, V) from forward(..., packed=True)."""
+    if logits.dim() == 2:
+        return F.cross_entropy(logits.float(), packed_targets(tokens, pad_id),
+                               label_smoothing=label_smoothing)
     predictions = logits[:, :-1].reshape(-1, logits.shape[-1])   # (B*(T-1), V)
     targets = tokens[:, 1:].reshape(-1)                           # (B*(T-1),)
     return F.cross_entropy(predictions.float(), targets, ignore_index=pad_id,

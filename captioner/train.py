@@ -291,8 +291,8 @@ class EndToEnd(nn.Module):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(images), tokens)                          # (B, T, V)
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, packed: bool = False) -> torch.Tensor:
+        return self.decoder(self.encoder(images), tokens, packed)                  # (B, T, V) or (N, V)
 
     def train(self, mode: bool = True) -> "EndToEnd":
         super().train(mode)
@@ -428,7 +428,7 @@ class Trainer:
         tokens = tokens.to(self.device, non_blocking=True)     # (B, T)
         fed = self.scheduled_inputs(inputs, tokens)            # (B, T): tokens, some replaced by samples
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
-            logits = self.model(inputs, fed)                   # (B, T, V)
+            logits = self.model(inputs, fed, packed=True)      # (N, V): real words only
         loss = caption_loss(logits, tokens, pad_id, cfg.label_smoothing)   # mean over this rank's words
         words = (tokens[:, 1:] != pad_id).sum()
         loss_sum = loss * words

@@ -141,3 +141,24 @@ def test_dropout_is_active_in_training_only():
     assert not torch.allclose(train_a, train_b)
     model.eval()
     assert torch.equal(model(features, tokens), model(features, tokens))
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_packed_training_loss_and_gradients_equal_the_padded_ones(num_layers):
+    """forward(packed=True) skips padding in the LSTM and the readout: same loss, same gradients."""
+    model = decoder(num_layers=num_layers).eval()
+    features = torch.randn(4, FEATURE_DIM)
+    tokens = random_tokens(4, 9, 50)
+    tokens[0, 5:] = 0
+    tokens[2, 3:] = 0
+    tokens[3, 8:] = 0
+    losses, grads = [], []
+    for packed in (False, True):
+        model.zero_grad()
+        loss = caption_loss(model(features, tokens, packed=packed), tokens, pad_id=0, label_smoothing=0.1)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert model(features, tokens, packed=True).shape == (int((tokens[:, 1:] != 0).sum()), 50)
+    assert torch.allclose(losses[0], losses[1], atol=1e-6)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
