@@ -36,6 +36,11 @@ class CaptionDecoder(nn.Module):
             if cfg.embed_dim != cfg.hidden_dim:
                 raise ValueError(f"tie_embeddings needs embed_dim == hidden_dim "
                                  f"(got {cfg.embed_dim} and {cfg.hidden_dim})")
+            # Shared, the matrix is also the readout: N(0, 1) rows (nn.Embedding's default) would
+            # give logits of size sqrt(H) and an initial loss of ~12 instead of log V.
+            nn.init.normal_(self.embed.weight, std=cfg.hidden_dim ** -0.5)
+            with torch.no_grad():
+                self.embed.weight[pad_id].zero_()
             self.readout.weight = self.embed.weight                           # (V, H) shared
 
     def init_state(self, features: torch.Tensor) -> State:
@@ -54,15 +59,19 @@ class CaptionDecoder(nn.Module):
         logits (N, V) in the order of `packed_targets(tokens)`. Captions in a batch differ in
         length, so about half of a padded batch is padding; packing skips it in the LSTM and
         the readout, the two costly layers."""
+        if not packed:
+            return self.readout(self.dropout(self.hidden_states(features, tokens)))   # (B, T, V)
         state = self.init_state(features)
         inputs = self.dropout(self.embed(tokens))                            # (B, T, E)
-        if not packed:
-            outputs, _ = self.lstm(inputs, state)                            # (B, T, H)
-            return self.readout(self.dropout(outputs))                       # (B, T, V)
         lengths = target_lengths(tokens, self.pad_id)                        # (B,)
         outputs, _ = self.lstm(pack_padded_sequence(inputs, lengths, batch_first=True,
                                                     enforce_sorted=False), state)
         return self.readout(self.dropout(outputs.data))                     # (N, V)
+
+    def hidden_states(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The LSTM's outputs (B, T, H) under teacher forcing (before the readout's dropout)."""
+        outputs, _ = self.lstm(self.dropout(self.embed(tokens)), self.init_state(features))
+        return outputs                                                       # (B, T, H)
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """One decoding step. tokens (N,), state batch-first (N, L, H) x 2 -> logprobs (N, V)."""

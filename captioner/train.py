@@ -465,14 +465,19 @@ class Trainer:
         p = self.sampling_probability()
         if p <= 0:
             return tokens
-        module = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+        targets = tokens[:, 1:]                                                   # (B, T-1)
+        replace = (torch.rand(targets.shape, device=tokens.device) < p) & (targets != self.vocab.pad_id)
+        if not replace.any():
+            return tokens
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
-            logits = module(inputs, tokens)[:, :-1].float()                      # (B, T-1, V)
-        batch, steps, vocab = logits.shape
-        drawn = torch.multinomial(logits.reshape(-1, vocab).softmax(-1), 1).view(batch, steps)  # (B, T-1)
-        replace = (torch.rand(batch, steps, device=tokens.device) < p) & (tokens[:, 1:] != self.vocab.pad_id)
+            features = self.captioner.encoder(inputs) if self.uses_images else inputs
+            hidden = self.decoder.hidden_states(features, tokens)[:, :-1][replace]   # (n, H)
+            # The readout and the draw only where a word is replaced: a small share of the batch.
+            logits = self.decoder.readout(self.decoder.dropout(hidden)).float()       # (n, V)
+        # Never <pad> (it would end the caption early: lengths come from the words fed) nor <start>.
+        logits[:, [self.vocab.pad_id, self.vocab.bos_id]] = float("-inf")
         fed = tokens.clone()
-        fed[:, 1:] = torch.where(replace, drawn, tokens[:, 1:])
+        fed[:, 1:][replace] = torch.multinomial(logits.softmax(-1), 1).squeeze(1)
         return fed                                                                # (B, T)
 
     # -- validation ---------------------------------------------------------------------------

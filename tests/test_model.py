@@ -162,3 +162,14 @@ def test_packed_training_loss_and_gradients_equal_the_padded_ones(num_layers):
     assert model(features, tokens, packed=True).shape == (int((tokens[:, 1:] != 0).sum()), 50)
     assert torch.allclose(losses[0], losses[1], atol=1e-6)
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_tied_decoder_starts_at_log_vocab_size():
+    """A tied readout uses the embedding matrix: it must start small, or the loss starts near 12."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(feature_dim=FEATURE_DIM, vocab_size=2000, embed_dim=64, hidden_dim=64, tie_embeddings=True)
+    model = CaptionDecoder(cfg, pad_id=0).eval()
+    tokens = random_tokens(16, 12, 2000)
+    loss = caption_loss(model(torch.randn(16, FEATURE_DIM), tokens), tokens, pad_id=0)
+    assert abs(loss.item() - math.log(2000)) < 0.5
+    assert model.embed.weight[0].abs().sum() == 0                   # <pad> row stays zero

@@ -262,6 +262,7 @@ def test_scheduled_sampling_ramps_and_never_touches_padding_or_start(tmp_path):
     fed = trainer.scheduled_inputs(features, tokens)
     pad = tokens == trainer.vocab.pad_id
     assert torch.equal(fed[pad], tokens[pad]) and torch.equal(fed[:, 0], tokens[:, 0])
+    assert not ((fed == trainer.vocab.pad_id) & ~pad).any()             # a sampled word is never <pad>
     assert not torch.equal(fed, tokens)                                 # p = .5: some words replaced
 
 
