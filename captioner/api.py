@@ -13,9 +13,9 @@ from PIL import Image
 from torch import nn
 
 from . import decoding
-from .checkpoint import (MODEL_FILE, CheckpointError, load_module_state, load_tensors,
+from .checkpoint import (MODEL_FILE, load_module_state, public_info, read_checkpoint,
                          resolve_checkpoint, save_tensors, state_with_prefix)
-from .config import DecodeConfig, ModelConfig, PreprocessConfig, from_dict, to_dict
+from .config import DecodeConfig, ModelConfig, PreprocessConfig, check_config, to_dict
 from .encoder import build_backbone
 from .model import CaptionDecoder
 from .preprocess import preprocess
@@ -95,32 +95,21 @@ class Captioner(nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
              fast: bool = True) -> "Captioner":
-        """Load a checkpoint (file or folder); the shipped model when path is None."""
+        """Load a checkpoint (file or folder); the shipped model when path is None. Everything
+        in the file is checked first (see checkpoint.read_checkpoint): CheckpointError."""
         source = resolve_checkpoint(path if path is not None else default_checkpoint())
-        tensors, meta = load_tensors(source)
-        try:
-            vocab = Vocabulary(meta["vocab"])
-            model_cfg = from_dict(ModelConfig, meta["model"])
-            preprocess_cfg = from_dict(PreprocessConfig, meta["preprocess"])
-            decode_cfg = from_dict(DecodeConfig, meta.get("decode", {}))
-            num_decoders = int(meta.get("num_decoders", 1))
-        except KeyError as exc:
-            raise CheckpointError(f"{source}: the checkpoint header has no {exc} entry") from None
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"{source}: invalid checkpoint header ({exc})") from None
-        if model_cfg.vocab_size != len(vocab):
-            raise CheckpointError(f"{source}: config says vocab_size={model_cfg.vocab_size} but the "
-                                  f"vocabulary has {len(vocab)} words")
+        checkpoint = read_checkpoint(source)
+        model_cfg, vocab = checkpoint.model, checkpoint.vocab
         # pretrained=False: the checkpoint carries the CNN weights, so nothing is downloaded.
         encoder = build_backbone(model_cfg.backbone, pretrained=False).module
-        load_module_state(encoder, tensors, "encoder.", str(source))
+        load_module_state(encoder, checkpoint.tensors, "encoder.", str(source))
         decoders = []
-        for i in range(num_decoders):
+        for i in range(checkpoint.num_decoders):
             decoder = CaptionDecoder(model_cfg, pad_id=vocab.pad_id)
-            load_module_state(decoder, tensors, f"decoders.{i}.", str(source))
+            load_module_state(decoder, checkpoint.tensors, f"decoders.{i}.", str(source))
             decoders.append(decoder)
-        captioner = cls(encoder, decoders, vocab, model_cfg, preprocess_cfg, decode_cfg,
-                        meta.get("info", {}))
+        captioner = cls(encoder, decoders, vocab, model_cfg, checkpoint.preprocess, checkpoint.decode,
+                        checkpoint.info)
         captioner.source = str(source)
         captioner.to(device).eval()
         if fast and torch.device(device).type == "cpu":
@@ -139,9 +128,10 @@ class Captioner(nn.Module):
         return path
 
     def header(self, info: dict | None = None) -> dict[str, Any]:
+        """The checkpoint header. info is merged into self.info; local paths are dropped."""
         return {"model": to_dict(self.model_cfg), "preprocess": to_dict(self.preprocess_cfg),
                 "decode": to_dict(self.decode_cfg), "vocab": self.vocab.to_list(),
-                "num_decoders": len(self.decoders), "info": {**self.info, **(info or {})}}
+                "num_decoders": len(self.decoders), "info": public_info({**self.info, **(info or {})})}
 
     def enable_fast_encoder(self, enabled: bool = True, threads: int | None = None) -> bool:
         """Run the CNN with ONNX Runtime on CPU (see fast_encoder.py): exported on first use,
@@ -218,8 +208,9 @@ class Captioner(nn.Module):
         return preprocess(image, self.preprocess_cfg)
 
     def decode_config(self, **overrides) -> DecodeConfig:
-        """The checkpoint's decoding defaults with keyword overrides (None means keep)."""
-        return replace(self.decode_cfg, **{k: v for k, v in overrides.items() if v is not None})
+        """The checkpoint's decoding defaults with keyword overrides (None means keep), checked
+        (types and ranges, config.FIELD_RULES): ValueError naming the option."""
+        return check_config(replace(self.decode_cfg, **{k: v for k, v in overrides.items() if v is not None}))
 
     def caption(self, images, method: str | None = None, beam_size: int | None = None,
                 batch_size: int = 32, **options) -> Caption | list[Caption]:

@@ -35,8 +35,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import CheckpointError, atomic_write, load_tensors, resolve_checkpoint
-from .config import PreprocessConfig, from_dict
+from .checkpoint import atomic_write, read_checkpoint, resolve_checkpoint
+from .config import PreprocessConfig
 from .fast_encoder import FastEncoderWarning, cpu_count, quantize_decoders
 from .preprocess import ImageLoadError, header_size, preprocess
 
@@ -399,11 +399,8 @@ def encode_ahead(batches: Iterator, encode: Callable, depth: int) -> Iterator:
 
 
 def checkpoint_preprocess(checkpoint: Path) -> PreprocessConfig:
-    """The checkpoint's image preprocessing, read from its header without building the model."""
-    try:
-        return from_dict(PreprocessConfig, load_tensors(checkpoint)[1]["preprocess"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{checkpoint}: invalid preprocessing in the header ({exc})") from None
+    """The checkpoint's image preprocessing, from its checked header (no tensor is read)."""
+    return read_checkpoint(checkpoint, tensors=False).preprocess
 
 
 def load_captioner(checkpoint: Path, args):

@@ -5,28 +5,138 @@ Dicts (not pickles) are what checkpoints store, so every field must be JSON-seri
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 
-def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Build a dataclass from a dict, rejecting unknown keys (a typo must not pass silently)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
+def from_dict(cls: type[T], data: Any) -> T:
+    """Build a dataclass from a plain dict (a checkpoint header's, say), checked field by field:
+    unknown keys are refused (a typo must not pass silently), every value must have exactly its
+    annotated type (512, not "512", 512.0 or True) and lie in its range (FIELD_RULES). Raises
+    ValueError naming the field. Missing fields take their defaults."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__} must be a JSON object, not {json_type(data)}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
-    values = {}
-    for f in dataclasses.fields(cls):
-        if f.name in data:
-            value = data[f.name]
-            values[f.name] = tuple(value) if isinstance(value, list) else value
-    return cls(**values)
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(map(str, unknown))}")
+    return check_config(cls(**{name: data[name] for name in names if name in data}))
 
 
 def to_dict(obj) -> dict[str, Any]:
     return dataclasses.asdict(obj)
+
+
+# ---------------------------------------------------------------------------------------------
+# The schema: every field's type comes from its annotation; its range from FIELD_RULES below.
+@dataclass(frozen=True)
+class Rule:
+    ok: Callable[[Any], bool]
+    need: str                               # what a valid value is, for the message
+
+
+def between(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Rule:
+    def ok(value) -> bool:
+        return (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+    return Rule(ok, f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}")
+
+
+def one_of(*choices: str) -> Rule:
+    return Rule(lambda value: value in choices, f"one of {' | '.join(choices)}")
+
+
+def each(count: int, rule: Rule) -> Rule:
+    return Rule(lambda values: len(values) == count and all(rule.ok(v) for v in values),
+                f"{count} values, each {rule.need}")
+
+
+# Ranges of the fields a checkpoint carries (its header is untrusted input) and that decoding
+# options set. Upper bounds are sanity limits far above any real model, so a hostile header can
+# never make us allocate gigabytes or decode forever. A field missing here gets its type checked
+# (and finite numbers), nothing more: tests/test_checkpoint.py insists that every numeric field
+# of these three configs has a rule, so a new field gets one when it is added.
+FIELD_RULES: dict[str, Rule] = {
+    "PreprocessConfig.image_size": between(16, 1024),
+    "PreprocessConfig.resize": one_of("squash", "center_crop", "pad"),
+    "PreprocessConfig.mean": each(3, between(-10, 10)),
+    "PreprocessConfig.std": each(3, between(0.001, 10)),      # divided by: > 0
+    "ModelConfig.backbone": Rule(lambda v: 0 < len(v) <= 64 and v.isidentifier(), "a backbone name"),
+    "ModelConfig.feature_dim": between(1, 8192),
+    "ModelConfig.vocab_size": between(4, 100_000),            # at least the four special tokens
+    "ModelConfig.embed_dim": between(1, 8192),
+    "ModelConfig.hidden_dim": between(1, 8192),
+    "ModelConfig.num_layers": between(1, 8),
+    "ModelConfig.dropout": between(0, 1, high_open=True),
+    "DecodeConfig.method": one_of("greedy", "sample", "beam"),
+    "DecodeConfig.beam_size": between(1, 64),
+    "DecodeConfig.max_len": between(1, 200),
+    "DecodeConfig.length_penalty": between(0, 10),
+    "DecodeConfig.temperature": between(0, 100, low_open=True),
+    "DecodeConfig.top_k": between(0, 100_000),
+    "DecodeConfig.top_p": between(0, 1, low_open=True),
+    "DecodeConfig.seed": between(0, 2**32 - 1),
+    "DecodeConfig.n_best": between(1, 64),
+    "DecodeConfig.no_repeat_ngram_size": between(0, 200),
+}
+
+
+# Python types as a JSON header spells them, for messages.
+TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+              list: "a list", tuple: "a list", dict: "an object", type(None): "null"}
+
+
+def json_type(value: Any) -> str:
+    """A value and its JSON type, for messages: '\'512\' (a string)', '1.0 (a number)'."""
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    return f"{shown} ({TYPE_NAMES.get(type(value), type(value).__name__)})"
+
+
+def check_value(value: Any, annotation: Any) -> Any:
+    """value converted to the annotation's Python type (a JSON list -> tuple, an integer -> float
+    for a float field), or ValueError saying what was expected. bool is never an int here."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return check_value(value, inner)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"must be a list of numbers, not {json_type(value)}")
+        return tuple(check_value(v, args[0]) for v in value)
+    if annotation is float:
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise ValueError(f"must be a finite number, not {json_type(value)}")
+        return float(value)
+    expected = origin or annotation                  # list[str] -> list
+    if type(value) is not expected:
+        raise ValueError(f"must be {TYPE_NAMES.get(expected, expected.__name__)}, not {json_type(value)}")
+    return value
+
+
+def check_config(obj: T) -> T:
+    """The dataclass with every field checked against its annotation and FIELD_RULES (a new
+    object: JSON lists become tuples, integers in float fields floats). Raises ValueError."""
+    cls = type(obj)
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        name, value = f"{cls.__name__}.{f.name}", getattr(obj, f.name)
+        try:
+            value = check_value(value, hints[f.name])
+        except ValueError as exc:
+            raise ValueError(f"{name} {exc}") from None
+        rule = FIELD_RULES.get(name)
+        if rule is not None and value is not None and not rule.ok(value):
+            raise ValueError(f"{name} must be {rule.need}, not {json_type(getattr(obj, f.name))}")
+        values[f.name] = value
+    return dataclasses.replace(obj, **values)
 
 
 @dataclass

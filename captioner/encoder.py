@@ -79,12 +79,21 @@ def strip_classifier(model: nn.Module) -> nn.Module:
     raise BackboneUnavailable(f"do not know how to remove the classifier of {type(model).__name__}")
 
 
+def is_known_backbone(name: str) -> bool:
+    """EfficientNet-Lite0/1/2 or a torchvision classification model. Classification models
+    only: detection/segmentation builders are no pooled-feature backbones, and some download
+    ImageNet weights for their trunk even with weights=None."""
+    if name in LITE_IMAGE_SIZE:
+        return True
+    import torchvision
+
+    return name in torchvision.models.list_models(module=torchvision.models)
+
+
 def build_torchvision(name: str, pretrained: bool) -> nn.Module:
     import torchvision
 
-    # Classification models only: detection/segmentation builders are no pooled-feature
-    # backbones, and some download ImageNet weights for their trunk even with weights=None.
-    if name not in torchvision.models.list_models(module=torchvision.models):
+    if not is_known_backbone(name):
         raise BackboneUnavailable(
             f"unknown backbone {name!r}: use efficientnet_lite0/1/2 or a torchvision "
             f"classification model (resnet50, mobilenet_v3_large, ...)")

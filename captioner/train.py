@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .api import Captioner
-from .checkpoint import load_module_state, load_tensors, save_tensors, state_with_prefix
+from .checkpoint import load_module_state, read_checkpoint, save_tensors, state_with_prefix
 from .config import DataConfig, DecodeConfig, ModelConfig, PreprocessConfig, TrainConfig, from_dict, to_dict
 from .datasets import (CaptionTokens, ImageCaptions, cache_files, cache_key, cached_features,
                        holdout_split, load_coco, load_flickr8k, merge_feature_shards, pad_tokens)
@@ -559,7 +559,8 @@ class Trainer:
             if self.world.is_main:
                 warnings.warn(f"--resume: no {path} yet, starting fresh", stacklevel=3)
             return None
-        return load_tensors(path)
+        checkpoint = read_checkpoint(path, training_state=True)
+        return checkpoint.tensors, checkpoint.meta
 
     def load_last(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         source = str(self.out / LAST_FILE)

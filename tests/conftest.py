@@ -93,7 +93,7 @@ def tiny_checkpoint(tmp_path_factory, flickr8k_tiny) -> Path:
             optimizer.step()
     decoder.eval()
     return captioner.save(tmp_path_factory.mktemp("tiny_checkpoint") / "model.safetensors",
-                          info={"trained_on": "tests/fixtures/flickr8k_tiny", "loss": loss.item()})
+                          info={"trained_on": "flickr8k_tiny", "loss": loss.item()})
 
 
 @pytest.fixture(scope="session")
