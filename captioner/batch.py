@@ -301,7 +301,8 @@ class Reporter:
 
 
 def caption_inputs(args) -> int:
-    """Run `captioner caption`; returns the exit status (0 all captioned, 1 some failed)."""
+    """Run `captioner caption`; returns the exit status (0 all captioned, 1 some failed;
+    usage errors raise UsageError or CheckpointError, which cli.main turns into status 2)."""
     from .api import default_checkpoint
 
     start = time.perf_counter()
@@ -317,12 +318,9 @@ def caption_inputs(args) -> int:
     for note in notes:
         reporter.warn(note)
     counts = {"captioned": 0, "failed": 0, "ignored": 0}
-    try:
+    try:   # a closed stdout (`| head`) raises BrokenPipeError: cli.main exits quietly
         if todo:
             run(checkpoint, todo, args, writer, reporter, counts)
-    except BrokenPipeError:   # stdout closed early (`| head`): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no error at exit
-        return 1
     finally:
         reporter.close()
         writer.close()

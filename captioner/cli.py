@@ -5,10 +5,26 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from dataclasses import fields
 from pathlib import Path
 
 from .config import DataConfig, ModelConfig, TrainConfig
+
+# Exit statuses, one meaning each (scripts branch on them; see EXIT_STATUSES_HELP and the README).
+EXIT_OK = 0               # all done: every input captioned
+EXIT_INPUTS_FAILED = 1    # some inputs could not be captioned (their error rows are in the output)
+EXIT_USAGE = 2            # nothing done: bad options, unusable checkpoint
+EXIT_CRASH = 3            # an unexpected error, i.e. a bug: the traceback is printed
+EXIT_INTERRUPTED = 130    # Ctrl-C (128 + SIGINT, as shells report it)
+EXIT_BROKEN_PIPE = 141    # the reader of stdout went away (`| head`): 128 + SIGPIPE, as for `yes | head`
+EXIT_STATUSES_HELP = f"""exit status:
+  {EXIT_OK}    all inputs captioned
+  {EXIT_INPUTS_FAILED}    some inputs failed (each gets an error row and a warning; rerun to retry them)
+  {EXIT_USAGE}    usage error, nothing done: bad options, unusable checkpoint
+  {EXIT_CRASH}    crash (a bug: please report the traceback)
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
+  {EXIT_BROKEN_PIPE}  stdout closed early (e.g. `captioner caption photos/ | head -1`); quietly"""
 
 
 def add_decode_args(parser: argparse.ArgumentParser, default_method: str | None = None) -> None:
@@ -59,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "caption", help="caption images, files or folders, to JSON Lines or CSV",
         description="Caption image files, folders and glob patterns. Rerun the same command to "
-                    "resume: images already captioned in OUT are skipped, failed ones are retried. "
-                    "Exit status: 0 all captioned, 1 some inputs failed, 2 usage error.")
+                    "resume: images already captioned in OUT are skipped, failed ones are retried.",
+        epilog=EXIT_STATUSES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     p.add_argument("-o", "--output", help="OUT.jsonl or OUT.csv, appended to (default: JSON Lines on stdout)")
     p.add_argument("-r", "--recursive", action="store_true",
@@ -210,15 +226,28 @@ COMMANDS = {"caption": cmd_caption, "train": cmd_train, "prepare": cmd_prepare, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns its exit status (argparse exits with 2 on bad options)."""
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Whoever read stdout stopped (`| head`): no message, and no second error when Python
+        # flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except (FileNotFoundError, ValueError) as exc:
+        # ValueError includes CheckpointError (any unusable checkpoint), the batch CLI's
+        # UsageError and BackboneUnavailable: all one line saying what to fix.
         print(f"captioner {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except Exception:  # a bug: keep the traceback for the report, and say so
+        traceback.print_exc()
+        print(f"captioner {args.command}: internal error (exit status {EXIT_CRASH}); please report "
+              "it with the traceback above", file=sys.stderr)
+        return EXIT_CRASH
 
 
 if __name__ == "__main__":

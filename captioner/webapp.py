@@ -37,6 +37,9 @@ DEFAULT_CONCURRENCY = 2
 # Runtime, which has its own threads.
 SERVER_TORCH_THREADS = 1
 QUEUE_SIZE = 64
+# Exit status of `serve` when it cannot start (no or a bad checkpoint, a busy port): the usage
+# error status of every captioner command (cli.EXIT_USAGE).
+USAGE_ERROR = 2
 METHODS = ("beam", "greedy", "sample")
 MAX_BEAM, MAX_CAPTIONS = 10, 5
 METRIC_ORDER = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
@@ -277,13 +280,13 @@ def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 78
     if checkpoint is None and not default_checkpoint().is_file():
         print(f"error: the shipped model {default_checkpoint()} is not there yet; train one "
               "(make train-flickr8k) or pass --checkpoint PATH", file=sys.stderr)
-        return 1
+        return USAGE_ERROR
     torch.set_num_threads(SERVER_TORCH_THREADS)
     try:
         captioner = Captioner.load(checkpoint)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return USAGE_ERROR
     warm_up(captioner)
     app = build_app(captioner)
     try:
@@ -292,7 +295,7 @@ def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 78
     except OSError:   # Gradio's own message names its launch() arguments, not our flags
         print(f"error: cannot serve on {host}:{port}: the port is in use or the address is not "
               "this machine's; choose another --port or --host", file=sys.stderr)
-        return 1
+        return USAGE_ERROR
     reach = "this machine only (--host 0.0.0.0 for your network)" if host == "127.0.0.1" else host
     print(f"Captioner web UI: {local_url}  [{reach}; Ctrl-C stops]", flush=True)
     app.block_thread()    # until Ctrl-C, which closes the server

@@ -160,9 +160,9 @@ def load_app_module():
 def test_app_without_a_model_says_so(monkeypatch, capsys, tmp_path):
     app = load_app_module()
     monkeypatch.setattr(webapp, "default_checkpoint", lambda: tmp_path / "model.safetensors")
-    assert app.main([]) == 1
+    assert app.main([]) == 2
     assert "not there yet" in capsys.readouterr().err
-    assert app.main(["--checkpoint", str(tmp_path / "missing.safetensors")]) == 1
+    assert app.main(["--checkpoint", str(tmp_path / "missing.safetensors")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         app.main(["--port", "not-a-number"])
