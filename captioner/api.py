@@ -15,7 +15,7 @@ from torch import nn
 from . import decoding
 from .checkpoint import (MODEL_FILE, load_module_state, public_info, read_checkpoint,
                          resolve_checkpoint, save_tensors, state_with_prefix)
-from .config import DecodeConfig, ModelConfig, PreprocessConfig, check_config, to_dict
+from .config import DecodeConfig, ModelConfig, PreprocessConfig, to_dict, with_overrides
 from .encoder import build_backbone
 from .model import CaptionDecoder
 from .preprocess import preprocess
@@ -210,7 +210,7 @@ class Captioner(nn.Module):
     def decode_config(self, **overrides) -> DecodeConfig:
         """The checkpoint's decoding defaults with keyword overrides (None means keep), checked
         (types and ranges, config.FIELD_RULES): ValueError naming the option."""
-        return check_config(replace(self.decode_cfg, **{k: v for k, v in overrides.items() if v is not None}))
+        return with_overrides(self.decode_cfg, **overrides)
 
     def caption(self, images, method: str | None = None, beam_size: int | None = None,
                 batch_size: int = 32, **options) -> Caption | list[Caption]:

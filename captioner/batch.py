@@ -11,7 +11,10 @@ refused from the image header, before any pixel is decoded.
 Each batch is appended with ONE write() of complete lines, then flushed, so kill -9 loses at most
 the batch in flight. Rerunning the same command resumes: images with a caption in the output are
 skipped; images whose row is an error are tried again (their old error rows are removed first, so
-every image appears exactly once); a partial last line from a killed run is dropped.
+every image appears exactly once); a partial last line from a killed run is dropped. What produced
+the rows (the checkpoint's sha256 and the decoding options) is recorded beside OUT, in
+OUT.provenance.json: a rerun with another checkpoint or other options is refused (exit status 2,
+OUT untouched) rather than mixing two models' captions in one file; --overwrite starts OUT again.
 """
 from __future__ import annotations
 
@@ -35,8 +38,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import atomic_write, read_checkpoint, resolve_checkpoint
-from .config import PreprocessConfig
+from .checkpoint import atomic_write, fingerprint, read_checkpoint, resolve_checkpoint
+from .config import DecodeConfig, PreprocessConfig, to_dict, with_overrides
 from .fast_encoder import FastEncoderWarning, cpu_count, quantize_decoders
 from .preprocess import ImageLoadError, header_size, preprocess
 
@@ -177,26 +180,66 @@ def row_key(image: str) -> str:
     return os.path.abspath(image)
 
 
+PROVENANCE_SUFFIX = ".provenance.json"
+
+
+def run_provenance(checkpoint: Path, decode: DecodeConfig) -> dict:
+    """What produces a run's rows: the checkpoint by content (sha256: its weights, vocabulary and
+    header) and the decoding options in effect."""
+    return {"checkpoint": checkpoint.name, "checkpoint_sha256": fingerprint(checkpoint),
+            "decode": to_dict(decode)}
+
+
+def provenance_differences(recorded: dict, current: dict) -> list[str]:
+    """What differs between two provenance records, in words ('beam_size 3 -> 5')."""
+    differences = []
+    if recorded.get("checkpoint_sha256") != current["checkpoint_sha256"]:
+        differences.append(f"checkpoint {recorded.get('checkpoint')} (sha256 "
+                           f"{str(recorded.get('checkpoint_sha256'))[:12]}) -> {current['checkpoint']} "
+                           f"(sha256 {current['checkpoint_sha256'][:12]})")
+    old_decode = recorded.get("decode") if isinstance(recorded.get("decode"), dict) else {}
+    for name, value in current["decode"].items():
+        if old_decode.get(name, "unset") != value:
+            differences.append(f"{name} {json.dumps(old_decode.get(name, 'unset'))} -> {json.dumps(value)}")
+    return differences
+
+
 class RowWriter:
     """Appends rows to OUT (or stdout). The file is opened O_APPEND and every batch goes out in
-    one os.write of complete lines, so a killed run never leaves half a row behind."""
+    one os.write of complete lines, so a killed run never leaves half a row behind.
+    provenance (see run_provenance) is kept in OUT.provenance.json; a rerun must match it."""
 
-    def __init__(self, output: str | None):
+    def __init__(self, output: str | None, provenance: dict | None = None, overwrite: bool = False):
         self.output = output
         self.as_csv = bool(output) and output.lower().endswith(".csv")
         self.fd: int | None = None
+        # as JSON reads it back (floats stay floats, tuples become lists), for comparing
+        self.provenance = json.loads(json.dumps(provenance)) if provenance is not None else None
+        self.overwrite = overwrite
+
+    @property
+    def provenance_path(self) -> Path:
+        return Path(f"{self.output}{PROVENANCE_SUFFIX}")
 
     def open(self) -> set[str]:
-        """Open for appending after repairing what a killed run left; returns the keys of the
-        images already captioned there."""
+        """Open for appending after checking that OUT was written by this checkpoint and these
+        options, and repairing what a killed run left; returns the keys of the images already
+        captioned there. --overwrite empties OUT first."""
         if not self.output:
             return set()
         path = Path(self.output)
         if path.is_dir():
             raise UsageError(f"-o {self.output} is a folder; give a .jsonl or .csv file")
-        done = self.repair(path) if path.is_file() and path.stat().st_size else set()
+        resuming = path.is_file() and path.stat().st_size > 0 and not self.overwrite
+        done = self.repair(path) if resuming else set()
         try:
-            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            # Emptied BEFORE the new record is written: a crash in between leaves an empty OUT
+            # (a fresh start next time), never old rows under a new record.
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                              | (os.O_TRUNC if self.overwrite else 0), 0o644)
+            if self.provenance is not None and not resuming:
+                record = json.dumps(self.provenance, indent=1) + "\n"
+                atomic_write(self.provenance_path, lambda tmp: Path(tmp).write_text(record))
         except OSError as exc:
             raise UsageError(f"cannot write {self.output}: {exc.strerror}") from None
         if self.as_csv and os.fstat(self.fd).st_size == 0:
@@ -209,11 +252,31 @@ class RowWriter:
         data = path.read_bytes()
         complete = data[: data.rfind(b"\n") + 1]
         rows = self.parse(complete.decode("utf-8", errors="surrogateescape"))
+        self.check_provenance()
         kept = [row for row in rows if not row.get("error")]
         if len(kept) < len(rows) or len(complete) < len(data):
             text = self.format_rows(([dict(zip(FIELDS, FIELDS))] if self.as_csv else []) + kept)
             atomic_write(path, lambda tmp: Path(tmp).write_bytes(self.encode(text)))
         return {row_key(row["image"]) for row in kept}
+
+    def check_provenance(self) -> None:
+        """UsageError (OUT untouched) unless OUT's record matches this run."""
+        if self.provenance is None:
+            return
+        again = "rerun with the same checkpoint and options to resume, or --overwrite to start it again"
+        try:
+            recorded = json.loads(self.provenance_path.read_text())
+        except FileNotFoundError:
+            raise UsageError(f"{self.output} has no record of the checkpoint and options that wrote it "
+                             f"({self.provenance_path.name} is missing): use --overwrite to start it "
+                             "again, or another -o") from None
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{self.provenance_path} is unreadable ({exc}): use --overwrite") from None
+        differences = provenance_differences(recorded if isinstance(recorded, dict) else {},
+                                             self.provenance)
+        if differences:
+            raise UsageError(f"{self.output} holds captions from another checkpoint or other "
+                             f"options ({'; '.join(differences)}): {again}")
 
     def parse(self, text: str) -> list[dict]:
         problem = f"{self.output} exists but is not a captioner {'CSV' if self.as_csv else 'JSON Lines'} output"
@@ -265,7 +328,7 @@ class RowWriter:
 # ---------------------------------------------------------------------------------------------
 # The command
 DECODE_OPTIONS = ("method", "beam_size", "max_len", "length_penalty", "temperature", "top_k",
-                  "top_p", "seed")
+                  "top_p", "seed", "no_repeat_ngram_size")
 
 
 def check_options(args) -> None:
@@ -311,7 +374,9 @@ def caption_inputs(args) -> int:
     if not any(os.path.lexists(c.path) for c in candidates):
         raise UsageError("no inputs found: " + (", ".join(notes) if notes else " ".join(args.inputs)))
     checkpoint = resolve_checkpoint(args.checkpoint if args.checkpoint else default_checkpoint())
-    writer = RowWriter(args.output)
+    decode = with_overrides(read_checkpoint(checkpoint, tensors=False).decode,
+                            **{k: getattr(args, k, None) for k in DECODE_OPTIONS})
+    writer = RowWriter(args.output, run_provenance(checkpoint, decode), getattr(args, "overwrite", False))
     done = writer.open()
     todo = [c for c in candidates if row_key(c.path) not in done]
     reporter = Reporter(len(todo), args.quiet)

@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .config import DecodeConfig, ModelConfig, PreprocessConfig, from_dict, json_type
 from .encoder import build_backbone, is_known_backbone
@@ -267,12 +268,27 @@ def check_training_entries(meta: dict[str, Any]) -> None:
         raise ValueError("scaler must be a JSON object")
 
 
+class ShapesOnly(TorchFunctionMode):
+    """Modules built under it (and torch.device("meta")) get their tensors' shapes and dtypes,
+    nothing else: their in-place initialisers are skipped, as a meta normal_() costs ~1.3 s the
+    first time (it loads torch._dynamo). Modes are per thread, so other threads are unaffected."""
+
+    INITIALISERS = frozenset({"normal_", "uniform_", "trunc_normal_", "kaiming_uniform_",
+                              "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "orthogonal_",
+                              "zero_", "zeros_", "ones_", "fill_", "constant_"})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.INITIALISERS:
+            return args[0] if args else kwargs["tensor"]      # the tensor, untouched
+        return func(*args, **(kwargs or {}))
+
+
 @functools.lru_cache(maxsize=8)
 def backbone_layout(name: str) -> tuple[int, dict[str, tuple[torch.dtype, tuple[int, ...]]]]:
     """(feature_dim, {tensor name: (dtype, shape)}) of a backbone, built on the meta device:
     shapes without memory."""
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), ShapesOnly():
             backbone = build_backbone(name, pretrained=False)
     except (RuntimeError, NotImplementedError, TypeError) as exc:
         raise ValueError(f"cannot work out the tensors of backbone {name} ({exc})") from None
@@ -290,7 +306,7 @@ def expected_layout(checkpoint: Checkpoint) -> dict[str, tuple[torch.dtype, tupl
     if cfg.feature_dim != feature_dim:
         raise ValueError(f"ModelConfig.feature_dim={cfg.feature_dim} but {cfg.backbone} gives "
                          f"{feature_dim} features")
-    with torch.device("meta"):
+    with torch.device("meta"), ShapesOnly():
         decoder = module_layout(CaptionDecoder(cfg, pad_id=checkpoint.vocab.pad_id))
     layout = {f"encoder.{k}": v for k, v in encoder.items()}
     for i in range(checkpoint.num_decoders):

@@ -14,14 +14,15 @@ from .config import DataConfig, ModelConfig, TrainConfig
 # Exit statuses, one meaning each (scripts branch on them; see EXIT_STATUSES_HELP and the README).
 EXIT_OK = 0               # all done: every input captioned
 EXIT_INPUTS_FAILED = 1    # some inputs could not be captioned (their error rows are in the output)
-EXIT_USAGE = 2            # nothing done: bad options, unusable checkpoint
+EXIT_USAGE = 2            # nothing done: bad options, unusable checkpoint, mismatched resume
 EXIT_CRASH = 3            # an unexpected error, i.e. a bug: the traceback is printed
 EXIT_INTERRUPTED = 130    # Ctrl-C (128 + SIGINT, as shells report it)
 EXIT_BROKEN_PIPE = 141    # the reader of stdout went away (`| head`): 128 + SIGPIPE, as for `yes | head`
 EXIT_STATUSES_HELP = f"""exit status:
   {EXIT_OK}    all inputs captioned
   {EXIT_INPUTS_FAILED}    some inputs failed (each gets an error row and a warning; rerun to retry them)
-  {EXIT_USAGE}    usage error, nothing done: bad options, unusable checkpoint
+  {EXIT_USAGE}    usage error, nothing done: bad options, unusable checkpoint, or OUT written by
+       another checkpoint or other decoding options (see --overwrite)
   {EXIT_CRASH}    crash (a bug: please report the traceback)
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
   {EXIT_BROKEN_PIPE}  stdout closed early (e.g. `captioner caption photos/ | head -1`); quietly"""
@@ -78,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "resume: images already captioned in OUT are skipped, failed ones are retried.",
         epilog=EXIT_STATUSES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
-    p.add_argument("-o", "--output", help="OUT.jsonl or OUT.csv, appended to (default: JSON Lines on stdout)")
+    p.add_argument("-o", "--output", help="OUT.jsonl or OUT.csv, appended to (default: JSON Lines on stdout); "
+                                          "OUT.provenance.json beside it records the checkpoint and options")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start OUT again instead of resuming (needed to change checkpoint or options)")
     p.add_argument("-r", "--recursive", action="store_true",
                    help="include subfolders (and folders matched by patterns; ** matches any depth)")
     p.add_argument("-q", "--quiet", action="store_true",

@@ -33,6 +33,11 @@ def to_dict(obj) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
+def with_overrides(cfg: T, **overrides) -> T:
+    """cfg with the given fields replaced (None means keep), checked: ValueError naming the field."""
+    return check_config(dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None}))
+
+
 # ---------------------------------------------------------------------------------------------
 # The schema: every field's type comes from its annotation; its range from FIELD_RULES below.
 @dataclass(frozen=True)

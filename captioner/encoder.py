@@ -46,6 +46,10 @@ class LitePooled(nn.Module):
         maps = self.net.extract_features(images)      # (B, 1280, S/32, S/32)
         return maps.mean(dim=(2, 3))                  # (B, 1280)
 
+    @property
+    def feature_dim(self) -> int:
+        return self.net._conv_head.out_channels       # the trunk's last 1x1 convolution
+
 
 def lite_weights_path(name: str) -> str:
     variant = name[-1]
@@ -115,9 +119,14 @@ def build_backbone(name: str = "efficientnet_lite0", pretrained: bool = True) ->
         module = build_torchvision(name, pretrained)
         preprocess = PreprocessConfig(image_size=224, **IMAGENET_NORMALIZATION)
     module.eval()
-    with torch.no_grad():
-        size = preprocess.image_size
-        feature_dim = module(torch.zeros(1, 3, size, size)).shape[-1]
+    if isinstance(module, LitePooled):
+        # Known without a forward pass, which matters on the meta device (checkpoint.py works out
+        # a checkpoint's tensor shapes there): meta convolutions cost ~1.5 s the first time.
+        feature_dim = module.feature_dim
+    else:
+        with torch.no_grad():
+            size = preprocess.image_size
+            feature_dim = module(torch.zeros(1, 3, size, size)).shape[-1]
     return Backbone(module=module, feature_dim=int(feature_dim), preprocess=preprocess)
 
 

@@ -21,7 +21,10 @@ import pytest
 from PIL import Image
 
 from captioner.api import Captioner
+from captioner.batch import PROVENANCE_SUFFIX, run_provenance
+from captioner.checkpoint import read_checkpoint
 from captioner.cli import main
+from captioner.config import with_overrides
 from captioner.fast_encoder import quantize_decoders
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -219,7 +222,8 @@ def test_all_good_exits_0_and_writes_csv(tmp_path, flickr8k_tiny, tiny_checkpoin
     assert "5 captioned, 0 failed" in stderr
     # a second run has nothing left to do and writes nothing
     before = out.read_bytes()
-    code, _, stderr = run_cli(capsys, *images, "-o", out, "--checkpoint", tiny_checkpoint)
+    code, _, stderr = run_cli(capsys, *images, "-o", out, "--checkpoint", tiny_checkpoint,
+                              "--method", "beam", "--beam-size", 2)
     assert code == 0 and out.read_bytes() == before
     assert "0 captioned, 0 failed, 5 already in" in stderr
 
@@ -290,6 +294,12 @@ def test_unknown_option_exits_2(capsys):
     assert "usage:" in capsys.readouterr().err
 
 
+def record_provenance(out: Path, checkpoint: Path, **options) -> None:
+    """OUT.provenance.json as a run of this checkpoint with these decoding options writes it."""
+    decode = with_overrides(read_checkpoint(checkpoint, tensors=False).decode, **options)
+    Path(f"{out}{PROVENANCE_SUFFIX}").write_text(json.dumps(run_provenance(Path(checkpoint), decode)))
+
+
 def test_resume_drops_partial_line_and_retries_errors(tmp_path, flickr8k_tiny, tiny_checkpoint, capsys):
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -301,6 +311,7 @@ def test_resume_drops_partial_line_and_retries_errors(tmp_path, flickr8k_tiny, t
     failed = {"image": str(folder / names[1]), "error": "permission denied"}   # fixed since
     partial = json.dumps({"image": str(folder / names[2]), "caption": "a dog", "score": -2.0})
     out.write_text(json.dumps(done) + "\n" + json.dumps(failed) + "\n" + partial[:25])
+    record_provenance(out, tiny_checkpoint, method="greedy")     # as the killed run did
     code, _, stderr = run_cli(capsys, folder, "-o", out, "--checkpoint", tiny_checkpoint, "--method", "greedy")
     assert code == 0
     rows = read_jsonl(out)
