@@ -12,6 +12,7 @@ import os
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 import colorsys
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,45 @@ def upload_path(image: Any) -> str:
     return str(image)
 
 
+def shown(value: Any) -> str:
+    """A value from a request, short enough to quote back."""
+    text = repr(value)
+    return text if len(text) <= 30 else text[:27] + "..."
+
+
+def whole_number(value: Any, label: str, low: int, high: int) -> int:
+    """A slider's whole number as the API may send it (3 or 3.0); BadRequest for anything else:
+    a string, null, true, 3.5, or a number out of range."""
+    if (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and value == int(value) and low <= value <= high):
+        return int(value)
+    raise BadRequest(f"{label} must be a whole number from {low} to {high} (got {shown(value)}).")
+
+
+def number_above(value: Any, label: str, low: float, high: float) -> float:
+    """A number in (low, high]; BadRequest for anything else."""
+    if (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and low < value <= high):
+        return float(value)
+    raise BadRequest(f"{label} must be a number above {low:g} and at most {high:g} (got {shown(value)}).")
+
+
+def decoding_options(method: Any, beam_size: Any, temperature: Any, top_p: Any,
+                     num_captions: Any) -> dict[str, Any]:
+    """The request's decoding settings, checked: the page's controls only send valid values, but
+    the API (`/caption`) takes whatever JSON a client sends, so each is checked for type and
+    range here and refused with a message (BadRequest), never a TypeError."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise BadRequest(f"Unknown method {shown(method)}: choose one of {', '.join(METHODS)}.")
+    options = {"method": method, "beam_size": whole_number(beam_size, "Beam size", 1, MAX_BEAM),
+               "temperature": number_above(temperature, "Temperature", 0, 5),
+               "top_p": number_above(top_p, "Top-p", 0, 1),
+               "n_best": whole_number(num_captions, "Number of captions", 1, MAX_CAPTIONS)}
+    if method == "greedy":
+        options["n_best"] = 1
+    return options
+
+
 @dataclass
 class CaptionResult:
     caption: str
@@ -129,17 +169,10 @@ class CaptionService:
         """One uploaded image -> its caption, per-word probabilities and the n best.
         Raises BadRequest with a message for the user when the upload cannot be captioned."""
         path = upload_path(image)
-        if method not in METHODS:
-            raise BadRequest(f"Unknown method {method!r}: choose one of {', '.join(METHODS)}.")
-        if not 0.0 < float(temperature) <= 5.0 or not 0.0 < float(top_p) <= 1.0:
-            raise BadRequest("Temperature must be in (0, 5] and top-p in (0, 1].")
+        options = decoding_options(method, beam_size, temperature, top_p, num_captions)
         check_image(path)
-        n_best = 1 if method == "greedy" else min(max(int(num_captions), 1), MAX_CAPTIONS)
         try:
-            best = self.captioner.caption(path, method=method,
-                                          beam_size=min(max(int(beam_size), 1), MAX_BEAM),
-                                          temperature=float(temperature), top_p=float(top_p),
-                                          n_best=n_best)
+            best = self.captioner.caption(path, **options)
         except ImageLoadError as exc:
             raise BadRequest(f"Could not read this image: {exc}") from None
         # Beam search returns its n best in order; samples come in drawing order: rank by score.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -167,3 +168,79 @@ def test_app_without_a_model_says_so(monkeypatch, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         app.main(["--port", "not-a-number"])
     assert exit_info.value.code == 2
+
+
+# Decoding settings as an API client may send them: wrong types, null, out of range.
+BAD_SETTINGS = [
+    (dict(method=None), "Unknown method None"),
+    (dict(method=5), "Unknown method 5"),
+    (dict(method="beam_search"), "Unknown method 'beam_search'"),
+    (dict(beam_size="3"), "Beam size must be a whole number from 1 to 10 (got '3')"),
+    (dict(beam_size=None), "Beam size must be a whole number"),
+    (dict(beam_size=-3), "(got -3)"),
+    (dict(beam_size=0), "Beam size must be a whole number"),
+    (dict(beam_size=10**12), "(got 1000000000000)"),
+    (dict(beam_size=2.5), "Beam size must be a whole number"),
+    (dict(beam_size=True), "Beam size must be a whole number"),
+    (dict(beam_size=float("nan")), "Beam size must be a whole number"),
+    (dict(temperature="hot"), "Temperature must be a number above 0 and at most 5 (got 'hot')"),
+    (dict(temperature=None), "Temperature must be a number"),
+    (dict(temperature=0), "Temperature must be a number"),
+    (dict(temperature=1e300), "Temperature must be a number"),
+    (dict(top_p="0.9"), "Top-p must be a number above 0 and at most 1"),
+    (dict(top_p=1.5), "Top-p must be a number"),
+    (dict(top_p=[0.9]), "Top-p must be a number"),
+    (dict(num_captions="3"), "Number of captions must be a whole number from 1 to 5"),
+    (dict(num_captions=10**9), "Number of captions must be a whole number"),
+    (dict(num_captions={"n": 3}), "Number of captions must be a whole number"),
+]
+GOOD_SETTINGS = dict(method="beam", beam_size=3, temperature=1.0, top_p=1.0, num_captions=3)
+
+
+@pytest.mark.parametrize("change, message", BAD_SETTINGS)
+def test_wrong_setting_types_get_the_friendly_message(tiny_captioner, change, message):
+    service = CaptionService(tiny_captioner)
+    settings = {**GOOD_SETTINGS, **change}
+    with pytest.raises(gr.Error) as info:
+        service.handle(str(EXAMPLES[0]), *settings.values())
+    assert message in str(info.value.message)
+
+
+def test_whole_numbers_may_come_as_floats(tiny_captioner):
+    """A slider may send 3.0 for 3."""
+    service = CaptionService(tiny_captioner)
+    floats = service.caption(str(EXAMPLES[0]), "beam", 3.0, 1, 1, 2.0)
+    ints = service.caption(str(EXAMPLES[0]), "beam", 3, 1.0, 1.0, 2)
+    assert floats == ints
+
+
+def test_served_api_refuses_wrong_setting_types_and_keeps_serving(tiny_captioner):
+    photo = handle_file(str(EXAMPLES[0]))
+    with running_app(tiny_captioner) as (_, url):
+        client = Client(url, verbose=False)
+        for change, message in [(dict(beam_size="three"), "Beam size must be a whole number"),
+                                (dict(method=None), "Unknown method None"),
+                                (dict(beam_size=-3), "(got -3)"),
+                                (dict(temperature="hot"), "Temperature must be a number"),
+                                (dict(num_captions=10**9), "Number of captions must be a whole number")]:
+            settings = {**GOOD_SETTINGS, **change}
+            with pytest.raises(AppError, match=re.escape(message)):
+                client.predict(photo, *settings.values(), api_name="/caption")
+        caption, _, _ = client.predict(photo, *GOOD_SETTINGS.values(), api_name="/caption")
+        assert caption == tiny_captioner.caption(EXAMPLES[0], method="beam", beam_size=3).text
+
+
+def test_pyproject_declares_the_gradio_versions_the_code_runs_on():
+    """The code uses Gradio 6 APIs (launch(theme=, css=), Textbox(buttons=)): the declared range
+    must hold the installed versions the suite runs with."""
+    tomllib = pytest.importorskip("tomllib")
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    declared = [Requirement(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())
+                ["project"]["dependencies"]]
+    for name in ("gradio", "gradio_client"):
+        (requirement,) = [r for r in declared if r.name.replace("-", "_") == name]
+        assert requirement.specifier.contains(version(name)), (name, str(requirement), version(name))
+        assert not requirement.specifier.contains("5.49.0" if name == "gradio" else "1.13.0")
