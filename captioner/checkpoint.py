@@ -41,6 +41,7 @@ MAX_HEADER_BYTES = 4 * 2**20          # the JSON is parsed into Python objects: 
 MAX_VALUES = 500_000_000              # all tensors together (2 GB as float32)
 MAX_DECODERS = 16
 MAX_WORD_CHARS = 100
+MAX_ABS_VALUE = 1e6                   # the shipped model's largest is 566 (a BatchNorm variance)
 # What a header holds; a training state (train.py's last.safetensors) adds the trainer's entries.
 REQUIRED_ENTRIES = ("model", "preprocess", "vocab")
 OPTIONAL_ENTRIES = ("decode", "num_decoders", "info")
@@ -357,13 +358,21 @@ def check_layout(checkpoint: Checkpoint, layout: Mapping[str, tuple[str, tuple[i
 
 
 def check_values(checkpoint: Checkpoint) -> None:
-    """Finite weights (NaN or inf would give nonsense captions, not an error), loaded as
-    float32; tied embedding and readout hold the same values."""
+    """Finite weights of plausible size (NaN, inf, or values that overflow float32 once
+    multiplied would give nonsense captions or a crash mid-decoding, not an error), BatchNorm
+    variances >= 0 (a square root is taken), loaded as float32; tied embedding and readout hold
+    the same values."""
     tensors = checkpoint.tensors
     for name, value in tensors.items():
         if value.is_floating_point():
             if not torch.isfinite(value).all():
                 raise CheckpointError(f"{checkpoint.path}: tensor {name} holds NaN or infinite values")
+            largest = value.abs().max().item() if value.numel() else 0.0
+            if largest > MAX_ABS_VALUE:
+                raise CheckpointError(f"{checkpoint.path}: tensor {name} holds {largest:.3g}, beyond "
+                                      f"any trained weight (limit {MAX_ABS_VALUE:g})")
+            if name.endswith("running_var") and value.numel() and value.min().item() < 0:
+                raise CheckpointError(f"{checkpoint.path}: tensor {name} holds negative variances")
             tensors[name] = value.float()
     if checkpoint.model.tie_embeddings:
         for i in range(checkpoint.num_decoders):

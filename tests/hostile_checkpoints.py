@@ -182,6 +182,13 @@ def tensor_mutations(tensors: dict[str, torch.Tensor]) -> Iterator[tuple[str, st
     for name in (readout, conv, "decoders.0.lstm.bias_hh_l0"):
         for value in (NAN, INF, -INF):
             yield f"{name} holds {value}", f"tensor {name} holds NaN or infinite", changed(poke(name, value))
+    def huge(t: dict) -> None:                        # float32: 1e30 is no inf there
+        t[readout] = t[readout].float()
+        poke(readout, 1e30)(t)
+
+    yield f"{readout} holds 1e30", f"tensor {readout} holds 1e+30, beyond any trained weight", changed(huge)
+    variance = next(k for k in tensors if k.endswith("running_var"))
+    yield f"{variance} negative", f"tensor {variance} holds negative variances", changed(poke(variance, -1.0))
     for dtype, stored in ((torch.int64, "I64"), (torch.float64, "F64"), (torch.int8, "I8"),
                           (torch.uint8, "U8"), (torch.bool, "BOOL")):
         yield (f"{embed} stored as {dtype}", f"{embed}: dtype {stored}",

@@ -68,6 +68,7 @@ def test_caption_with_a_hostile_checkpoint_exits_2_with_one_line(hostile, photo,
                           timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert_one_line_naming(done.stderr, hostile)
+    assert not out.exists() and not Path(f"{out}.provenance.json").exists()
     assert done.stderr.startswith("captioner caption: error: ")
 
 
