@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from .checkpoint import atomic_write, fingerprint, read_checkpoint, resolve_checkpoint
 from .config import DecodeConfig, PreprocessConfig, to_dict, with_overrides
 from .fast_encoder import FastEncoderWarning, cpu_count, quantize_decoders
+from .outputs import Gallery, PhotoOutputs, caption_row, read_gallery
 from .preprocess import ImageLoadError, header_size, preprocess
 
 FIELDS = ("image", "caption", "score", "error")     # CSV columns; JSON rows use the same keys
@@ -216,6 +217,8 @@ class RowWriter:
         # as JSON reads it back (floats stay floats, tuples become lists), for comparing
         self.provenance = json.loads(json.dumps(provenance)) if provenance is not None else None
         self.overwrite = overwrite
+        self.kept_rows: list[dict] = []     # the captioned rows a resumed OUT already holds
+        self.wants_words = False            # rows carry per-word probabilities (the gallery)
 
     @property
     def provenance_path(self) -> Path:
@@ -254,6 +257,7 @@ class RowWriter:
         rows = self.parse(complete.decode("utf-8", errors="surrogateescape"))
         self.check_provenance()
         kept = [row for row in rows if not row.get("error")]
+        self.kept_rows = kept
         if len(kept) < len(rows) or len(complete) < len(data):
             text = self.format_rows(([dict(zip(FIELDS, FIELDS))] if self.as_csv else []) + kept)
             atomic_write(path, lambda tmp: Path(tmp).write_bytes(self.encode(text)))
@@ -325,6 +329,59 @@ class RowWriter:
             self.fd = None
 
 
+class GalleryWriter(RowWriter):
+    """-o OUT.html: a contact sheet (outputs.render_gallery) instead of rows appended. The page
+    keeps its rows in a JSON block, so resuming, provenance and retrying errors work as for
+    JSON Lines; it is rewritten atomically as rows arrive (at most every FLUSH_SECONDS) and at
+    the end, so kill -9 loses at most those seconds' rows (captioned again on the rerun)."""
+
+    FLUSH_SECONDS = 5.0
+
+    def __init__(self, output: str, provenance: dict | None = None, overwrite: bool = False):
+        super().__init__(output, provenance, overwrite)
+        self.gallery = Gallery(output)
+        self.wants_words = True
+        self.last_flush = time.monotonic()
+
+    def repair(self, path: Path) -> set[str]:
+        rows = self.parse(path.read_text(encoding="utf-8", errors="surrogateescape"))
+        self.check_provenance()
+        self.kept_rows = [row for row in rows if not row.get("error")]   # errors are retried
+        self.gallery.rows = list(self.kept_rows)
+        return {row_key(row["image"]) for row in self.kept_rows}
+
+    def parse(self, text: str) -> list[dict]:
+        try:
+            rows = read_gallery(text)
+        except ValueError as exc:
+            raise UsageError(f"{self.output} exists but is not a captioner gallery ({exc})") from None
+        if not all(row.get("image") for row in rows):
+            raise UsageError(f"{self.output} exists but is not a captioner gallery (a row has no image)")
+        return rows
+
+    def write(self, rows: list[dict]) -> None:
+        self.gallery.add(rows)
+        if time.monotonic() - self.last_flush >= self.FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        text = self.gallery.render()
+        atomic_write(self.output, lambda tmp: Path(tmp).write_bytes(self.encode(text)))
+        self.last_flush = time.monotonic()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            self.flush()
+        super().close()
+
+
+def row_writer(output: str | None, provenance: dict, overwrite: bool) -> RowWriter:
+    """The writer for -o: a gallery for .html, JSON Lines or CSV otherwise."""
+    if output and output.lower().endswith((".html", ".htm")):
+        return GalleryWriter(output, provenance, overwrite)
+    return RowWriter(output, provenance, overwrite)
+
+
 # ---------------------------------------------------------------------------------------------
 # The command
 DECODE_OPTIONS = ("method", "beam_size", "max_len", "length_penalty", "temperature", "top_k",
@@ -376,7 +433,10 @@ def caption_inputs(args) -> int:
     checkpoint = resolve_checkpoint(args.checkpoint if args.checkpoint else default_checkpoint())
     decode = with_overrides(read_checkpoint(checkpoint, tensors=False).decode,
                             **{k: getattr(args, k, None) for k in DECODE_OPTIONS})
-    writer = RowWriter(args.output, run_provenance(checkpoint, decode), getattr(args, "overwrite", False))
+    overwrite = getattr(args, "overwrite", False)
+    writer = row_writer(args.output, run_provenance(checkpoint, decode), overwrite)
+    photo_outputs = PhotoOutputs(sidecar=getattr(args, "sidecar", None), xmp=getattr(args, "xmp", False),
+                                 embed=getattr(args, "embed", False), overwrite=overwrite)
     done = writer.open()
     todo = [c for c in candidates if row_key(c.path) not in done]
     reporter = Reporter(len(todo), args.quiet)
@@ -384,18 +444,44 @@ def caption_inputs(args) -> int:
         reporter.warn(note)
     counts = {"captioned": 0, "failed": 0, "ignored": 0}
     try:   # a closed stdout (`| head`) raises BrokenPipeError: cli.main exits quietly
+        catch_up(photo_outputs, writer.kept_rows, reporter, counts)
         if todo:
-            run(checkpoint, todo, args, writer, reporter, counts)
+            run(checkpoint, todo, args, writer, reporter, counts, photo_outputs)
     finally:
         reporter.close()
         writer.close()
     if not args.quiet:
-        summary(counts, len(candidates) - len(todo), time.perf_counter() - start, args.output)
+        summary(counts, len(candidates) - len(todo), time.perf_counter() - start, args.output,
+                photo_outputs.kept)
     return 1 if counts["failed"] else 0
 
 
+def write_photo_outputs(photo_outputs: PhotoOutputs, rows: list[dict], reporter: Reporter) -> int:
+    """The per-photo outputs (--sidecar, --xmp, --embed) of freshly captioned rows, written
+    BEFORE the rows go to OUT: a photo with a row in OUT has its outputs, so a killed run is
+    resumed without losing any. A failure turns the row into an error row that keeps its caption
+    (retried on the rerun). Returns how many failed."""
+    failed = 0
+    for row in rows:
+        problem = photo_outputs.write(row["image"], row["caption"]) if "caption" in row else None
+        if problem:
+            row["error"] = problem
+            reporter.warn(f"{row['image']}: {problem}")
+            failed += 1
+    return failed
+
+
+def catch_up(photo_outputs: PhotoOutputs, kept_rows: list[dict], reporter: Reporter,
+             counts: dict[str, int]) -> None:
+    """Per-photo outputs of the photos a resumed OUT already holds (an option added on the
+    rerun): written from OUT's captions, nothing captioned again; those already there are kept.
+    A failure is a warning (exit status 1); the rerun tries again."""
+    if photo_outputs.enabled and kept_rows:
+        counts["failed"] += write_photo_outputs(photo_outputs, [dict(row) for row in kept_rows], reporter)
+
+
 def run(checkpoint: Path, todo: list[Candidate], args, writer: RowWriter, reporter: Reporter,
-        counts: dict[str, int]) -> None:
+        counts: dict[str, int], photo_outputs: PhotoOutputs | None = None) -> None:
     # The image workers start first (they need only the checkpoint's preprocessing), so the
     # first batches are read while the model loads. They run one PyTorch thread each.
     workers = args.workers if args.workers is not None else min(cpu_count(), 4)
@@ -431,13 +517,15 @@ def run(checkpoint: Path, todo: list[Candidate], args, writer: RowWriter, report
             rows = {}
             if features is not None:
                 for i, cap in zip(indices, captioner.caption_features(features, cfg)):
-                    rows[i] = {"image": todo[i].path, "caption": cap.text, "score": round(cap.score, 4)}
+                    rows[i] = caption_row(todo[i].path, cap, words=writer.wants_words)
+            output_failures = write_photo_outputs(photo_outputs, [rows[i] for i in indices],
+                                                  reporter) if photo_outputs else 0
             for i, error in errors:
                 rows[i] = {"image": todo[i].path, "error": error}
                 reporter.warn(f"{todo[i].path}: {error}")
             writer.write([rows[i] for i in sorted(rows)])
-            counts["captioned"] += len(indices)
-            counts["failed"] += len(errors)
+            counts["captioned"] += len(indices) - output_failures
+            counts["failed"] += len(errors) + output_failures
             counts["ignored"] += len(ignored)
             reporter.bar.update(len(indices) + len(errors) + len(ignored))
 
@@ -498,10 +586,13 @@ def torch_threads(n: int):
         torch.set_num_threads(previous)
 
 
-def summary(counts: dict[str, int], already: int, seconds: float, output: str | None) -> None:
+def summary(counts: dict[str, int], already: int, seconds: float, output: str | None,
+            kept_outputs: int = 0) -> None:
     parts = [f"{counts['captioned']} captioned", f"{counts['failed']} failed"]
     if already:
         parts.append(f"{already} already in {output}")
+    if kept_outputs:
+        parts.append(f"{kept_outputs} existing sidecars or descriptions kept (--overwrite replaces them)")
     if counts["ignored"]:
         parts.append(f"{counts['ignored']} non-image files ignored")
     rate = counts["captioned"] / seconds if seconds > 0 else 0.0

@@ -79,10 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "resume: images already captioned in OUT are skipped, failed ones are retried.",
         epilog=EXIT_STATUSES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
-    p.add_argument("-o", "--output", help="OUT.jsonl or OUT.csv, appended to (default: JSON Lines on stdout); "
+    p.add_argument("-o", "--output", help="OUT.jsonl or OUT.csv, appended to (default: JSON Lines on stdout), "
+                                          "or OUT.html: a contact sheet to review the captions in a browser; "
                                           "OUT.provenance.json beside it records the checkpoint and options")
     p.add_argument("--overwrite", action="store_true",
-                   help="start OUT again instead of resuming (needed to change checkpoint or options)")
+                   help="start OUT again instead of resuming (needed to change checkpoint or options); "
+                        "also replaces existing sidecars and embedded descriptions")
+    p.add_argument("--sidecar", choices=["txt"],
+                   help="txt: write photo.txt beside photo.jpg holding the caption (kept if it exists)")
+    p.add_argument("--xmp", action="store_true",
+                   help="write an XMP sidecar photo.jpg.xmp with the caption as dc:description "
+                        "(digiKam, darktable; kept if it exists)")
+    p.add_argument("--embed", action="store_true",
+                   help="write the caption INTO each photo (XMP dc:description and EXIF ImageDescription; "
+                        "pixels and modification time kept; a description already there is kept)")
     p.add_argument("-r", "--recursive", action="store_true",
                    help="include subfolders (and folders matched by patterns; ** matches any depth)")
     p.add_argument("-q", "--quiet", action="store_true",

@@ -11,7 +11,6 @@ import os
 # Gradio reads this when it is imported: no usage reports leave the machine.
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
-import colorsys
 import math
 import sys
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import torch
 
 from .api import Caption, Captioner, default_checkpoint
 from .checkpoint import CheckpointError
+from .outputs import confidence_color
 from .preprocess import ImageLoadError, ImageTooLarge, header_size
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
@@ -55,12 +55,6 @@ CSS = """
 /* The table sizes its columns to unwrapped text: its width must not widen the page on a phone. */
 #candidates { contain: inline-size; }
 """
-
-
-def confidence_color(percent: int) -> str:
-    """Pastel red (unsure) through yellow to green (sure), as a hex colour."""
-    red, green, blue = colorsys.hls_to_rgb(percent / 100 * 125 / 360, 0.45, 0.7)
-    return f"#{round(red * 255):02x}{round(green * 255):02x}{round(blue * 255):02x}"
 
 
 # Each word's label is its probability in percent ("87%"); the colour map covers all 101 labels.

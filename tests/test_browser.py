@@ -87,3 +87,37 @@ def test_browser_uploads_a_photo_and_reads_its_caption(tiny_captioner, tmp_path)
         page.get_by_text("not an image").first.wait_for(timeout=CAPTION_TIMEOUT_MS)
         assert caption_in_page(page, url, EXAMPLES[2]) == tiny_captioner.caption(
             EXAMPLES[2], method="beam", beam_size=3).text
+
+
+@needs_browser
+def test_gallery_opens_in_the_browser_with_thumbnails_and_word_confidence(tiny_checkpoint, tmp_path):
+    """`-o gallery.html` from the CLI: chromium shows every photo, its caption and each word's
+    probability on hover, from the one file (no network), and fits a phone."""
+    from test_outputs import caption_args, photos
+
+    from captioner.cli import main
+
+    photos(tmp_path / "photos", 3)
+    (tmp_path / "photos" / "<b>bold<i>.jpg").write_bytes(b"not an image")
+    gallery = tmp_path / "gallery.html"
+    assert main(["caption", str(tmp_path / "photos"), "-o", str(gallery),
+                 *map(str, caption_args(tiny_checkpoint))]) == 1
+    with browser_page() as page:
+        requests = []
+        page.on("request", lambda request: requests.append(request.url))
+        page.goto(gallery.as_uri())
+        cards = page.locator("figure.card")
+        assert cards.count() == 4
+        # every thumbnail decoded by the browser
+        assert page.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
+        assert page.locator("img").count() == 3
+        names = page.locator(".name").all_inner_texts()
+        assert str(tmp_path / "photos" / "<b>bold<i>.jpg") in names          # shown as text
+        assert page.locator("figure.failed .error").inner_text()
+        first_word = page.locator(".caption .w").first
+        assert first_word.get_attribute("title").endswith("%")
+        first_word.hover()
+        assert all(url.startswith(("file:", "data:")) for url in requests)
+        page.set_viewport_size(PHONE)
+        page.wait_for_timeout(200)
+        assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
