@@ -431,7 +431,9 @@ def caption_inputs(args) -> int:
     if not any(os.path.lexists(c.path) for c in candidates):
         raise UsageError("no inputs found: " + (", ".join(notes) if notes else " ".join(args.inputs)))
     checkpoint = resolve_checkpoint(args.checkpoint if args.checkpoint else default_checkpoint())
-    decode = with_overrides(read_checkpoint(checkpoint, tensors=False).decode,
+    # The whole checkpoint is checked (tensors too, ~0.1 s) before OUT is touched: an unusable
+    # one is an exit status 2 with nothing done.
+    decode = with_overrides(read_checkpoint(checkpoint).decode,
                             **{k: getattr(args, k, None) for k in DECODE_OPTIONS})
     overwrite = getattr(args, "overwrite", False)
     writer = row_writer(args.output, run_provenance(checkpoint, decode), overwrite)

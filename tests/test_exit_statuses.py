@@ -98,6 +98,18 @@ def test_every_command_refuses_a_hostile_checkpoint_in_one_line(capsys, hostile,
     assert not (tmp_path / "ensemble.safetensors").exists()
 
 
+def test_bad_weights_are_refused_before_the_output_is_touched(capsys, tiny_checkpoint, photo, tmp_path):
+    tensors, meta = load_tensors(tiny_checkpoint)
+    tensors["decoders.0.readout.weight"][0, 0] = float("nan")
+    bad = tmp_path / "nan.safetensors"
+    save_tensors(bad, tensors, meta)
+    out = tmp_path / "out.jsonl"
+    status, _, err = run_main(capsys, "caption", photo, "-o", out, "--checkpoint", bad)
+    assert status == 2 and err.strip() == (f"captioner caption: error: {bad}: tensor "
+                                           "decoders.0.readout.weight holds NaN or infinite values")
+    assert not out.exists() and not Path(f"{out}.provenance.json").exists()
+
+
 def test_a_file_that_is_not_safetensors_says_so_first(capsys, photo, tmp_path):
     fake = tmp_path / "model.safetensors"
     fake.write_bytes(photo.read_bytes())
