@@ -70,7 +70,12 @@ def data_config(args) -> DataConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="captioner", description="Show-and-Tell image captioning.")
+    parser = argparse.ArgumentParser(
+        prog="captioner", description="Show-and-Tell image captioning.",
+        epilog=f"exit status: {EXIT_OK} done, {EXIT_INPUTS_FAILED} some inputs failed (caption), "
+               f"{EXIT_USAGE} usage error (bad options, an unusable checkpoint), {EXIT_CRASH} crash, "
+               f"{EXIT_INTERRUPTED} Ctrl-C, {EXIT_BROKEN_PIPE} stdout closed early; "
+               "see captioner caption --help")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(

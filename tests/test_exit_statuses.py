@@ -58,6 +58,8 @@ def test_caption_help_documents_every_status(capsys):
         assert f"\n  {code} " in out
     assert len({cli.EXIT_OK, cli.EXIT_INPUTS_FAILED, cli.EXIT_USAGE, cli.EXIT_CRASH,
                 cli.EXIT_INTERRUPTED, cli.EXIT_BROKEN_PIPE}) == 6
+    status, out, _ = run_main(capsys, "--help")
+    assert status == 0 and "exit status: 0 done, 1 some inputs failed" in " ".join(out.split())
 
 
 def test_caption_with_a_hostile_checkpoint_exits_2_with_one_line(hostile, photo, tmp_path):
