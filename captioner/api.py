@@ -17,10 +17,16 @@ from .checkpoint import (MODEL_FILE, load_module_state, public_info, read_checkp
                          resolve_checkpoint, save_tensors, state_with_prefix)
 from .config import DecodeConfig, ModelConfig, PreprocessConfig, to_dict, with_overrides
 from .encoder import build_backbone
+from .engine import CaptionEngine
 from .model import CaptionDecoder
-from .preprocess import preprocess
+from .preprocess import ImageLoadError, preprocess
 from .vocab import Vocabulary
 
+# Every matrix product of decoding gets at least this many rows (zero rows added, their results
+# dropped): CPU GEMM kernels sum in another order for a handful of rows (measured: 1-3 rows differ
+# in the last bits from 4 and more), and then a caption could depend on how many images were
+# decoded together. With the padding a row's numbers are the same in any batch.
+MIN_DECODE_ROWS = 8
 
 
 def default_checkpoint() -> Path:
@@ -36,15 +42,38 @@ def default_checkpoint() -> Path:
 
 @dataclass
 class Caption:
-    text: str
+    """A caption of one image, or (with on_error="skip") why an image has none: then .error
+    holds the reason, text is "" and score/logprob are -inf."""
+    text: str                       # plain English ("a man's shirt"): vocab.detokenize(words)
     score: float                    # ranking score (length-normalised log-prob for beam search)
     logprob: float                  # total log-probability of the caption (with <end>)
-    words: list[str] = field(default_factory=list)
-    word_probs: list[float] = field(default_factory=list)   # model probability of each word
+    words: list[str] = field(default_factory=list)          # the model's tokens ("man", "'s")
+    word_probs: list[float] = field(default_factory=list)   # model probability of each token
     alternatives: list["Caption"] = field(default_factory=list)  # the n best, this one first
+    image: str | None = None        # the input: its path, or a description of a PIL image
+    error: str | None = None        # why the image could not be captioned (None: it was)
+    failure: ImageLoadError | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def failed(cls, failure: ImageLoadError) -> "Caption":
+        return cls(text="", score=-math.inf, logprob=-math.inf, image=failure.source,
+                   error=failure.reason, failure=failure)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
     def to_dict(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"image": self.image, "error": self.error}
         return {"caption": self.text, "score": self.score}
+
+
+def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x (N, ...) with zero rows appended up to `rows` (x itself when it has enough)."""
+    if x.shape[0] >= rows:
+        return x
+    return torch.cat([x, x.new_zeros((rows - x.shape[0],) + tuple(x.shape[1:]))])
 
 
 def decode_batch(step, state, cfg: DecodeConfig, bos_id: int, eos_id: int,
@@ -82,6 +111,14 @@ class Captioner(nn.Module):
         self.info = info or {}
         # Optional faster CPU path for the CNN (ONNX Runtime); None means eager PyTorch.
         self.fast_encoder = None
+        self._engine: CaptionEngine | None = None
+
+    @property
+    def engine(self) -> CaptionEngine:
+        """The inference engine every entry point runs this model with (engine.py)."""
+        if self._engine is None:
+            self._engine = CaptionEngine(self)
+        return self._engine
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -160,7 +197,13 @@ class Captioner(nn.Module):
 
     def step(self, tokens: torch.Tensor, state: tuple[torch.Tensor, ...]):
         """Decoding step of the (ensemble) model: the decoders' word probabilities averaged, with
-        <pad>, <start> and <unk> never generated (renormalised over the remaining words)."""
+        <pad>, <start> and <unk> never generated (renormalised over the remaining words).
+        Fewer than MIN_DECODE_ROWS rows are padded (see there), so results never depend on N."""
+        rows = tokens.shape[0]
+        if rows < MIN_DECODE_ROWS:
+            logprobs, new_state = self.step(pad_rows(tokens, MIN_DECODE_ROWS),
+                                            tuple(pad_rows(s, MIN_DECODE_ROWS) for s in state))
+            return logprobs[:rows], tuple(s[:rows] for s in new_state)
         if len(self.decoders) == 1:
             logprobs, new_state = self.decoders[0].step(tokens, state)
         else:
@@ -176,9 +219,12 @@ class Captioner(nn.Module):
         return torch.log_softmax(logprobs, dim=-1), new_state                  # (N, V)
 
     def start_state(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Pooled features (B, D) -> the decoders' initial states, (B, L, H) each."""
+        rows = features.shape[0]
+        padded = pad_rows(features, MIN_DECODE_ROWS)
         state = []
         for decoder in self.decoders:
-            state += decoder.start_state(features)
+            state += [s[:rows] for s in decoder.start_state(padded)]
         return tuple(state)
 
     @torch.inference_mode()
@@ -186,10 +232,15 @@ class Captioner(nn.Module):
                          ) -> list[Caption]:
         """Pooled features (B, D) -> the best Caption per image (alternatives = n best)."""
         cfg = cfg or self.decode_cfg
+        features = features.to(self.device)
+        if cfg.method == "sample" and cfg.seed is not None and features.shape[0] > 1:
+            # Seeded draws for each image alone: the same image and seed give the same caption
+            # whichever images it is batched with.
+            return [c for row in features.split(1) for c in self.caption_features(row, cfg)]
         generator = None
         if cfg.method == "sample" and cfg.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        state = self.start_state(features.to(self.device))
+        state = self.start_state(features)
         nbest = decode_batch(self.step, state, cfg, self.vocab.bos_id, self.vocab.eos_id, generator)
         return [self._to_caption(hyps) for hyps in nbest]
 
@@ -197,7 +248,7 @@ class Captioner(nn.Module):
         captions = []
         for h in hyps:
             words = [self.vocab.itos[t] for t in h.tokens]
-            captions.append(Caption(text=" ".join(words), score=float(h.score),
+            captions.append(Caption(text=self.vocab.detokenize(words), score=float(h.score),
                                     logprob=float(h.logprob), words=words,
                                     word_probs=[math.exp(lp) for lp in h.token_logprobs]))
         best = captions[0]
@@ -213,14 +264,23 @@ class Captioner(nn.Module):
         return with_overrides(self.decode_cfg, **overrides)
 
     def caption(self, images, method: str | None = None, beam_size: int | None = None,
-                batch_size: int = 32, **options) -> Caption | list[Caption]:
+                batch_size: int = 32, on_error: str = "raise", **options) -> Caption | list[Caption]:
         """Caption one image (path or PIL) or a list of them. Options: max_len, length_penalty,
-        temperature, top_k, top_p, seed, n_best. Returns a Caption or a list of Captions."""
+        temperature, top_k, top_p, seed, n_best, no_repeat_ngram_size. Returns a Caption or a
+        list of Captions in input order; the same image and options give the same caption in any
+        list and with any batch_size.
+
+        An image that cannot be captioned (not an image, unreadable, over preprocess.MAX_PIXELS):
+        on_error="raise" (default) raises ImageLoadError naming the file; on_error="skip" puts a
+        Caption with .error (the reason) and text "" in its place and captions the others."""
         single = isinstance(images, (str, os.PathLike, Image.Image))
         items = [images] if single else list(images)
-        cfg = self.decode_config(method=method, beam_size=beam_size, **options)
-        results: list[Caption] = []
-        for start in range(0, len(items), batch_size):
-            batch = torch.stack([self.preprocess(x) for x in items[start:start + batch_size]])
-            results += self.caption_features(self.encode(batch), cfg)
+        results = list(self.caption_stream(items, method=method, beam_size=beam_size,
+                                           batch_size=batch_size, on_error=on_error, **options))
         return results[0] if single else results
+
+    def caption_stream(self, images, method: str | None = None, beam_size: int | None = None,
+                       batch_size: int = 32, on_error: str = "raise", **options):
+        """As caption() on a list, but yields each Caption (input order) as its batch finishes."""
+        cfg = self.decode_config(method=method, beam_size=beam_size, **options)
+        return self.engine.caption(images, cfg, batch_size=batch_size, on_error=on_error)

@@ -1,7 +1,7 @@
 """`captioner caption`: files, folders and glob patterns -> one JSON Lines or CSV row per image.
 
-    inputs -> candidate paths -> DataLoader workers (read + check + preprocess, 1 thread each)
-           -> batched encoder (ONNX Runtime on CPU) -> batched decoding -> rows appended per batch
+    inputs -> candidate paths -> the inference engine (engine.py: image workers, ONNX Runtime CNN,
+           batched decoding; the same captions as the API and the web UI) -> rows appended per batch
 
 Images are recognised by content. A file named on the command line, or named like an image, that
 cannot be captioned gets an error row `{"image": path, "error": reason}` and a one-line warning;
@@ -18,31 +18,25 @@ OUT untouched) rather than mixing two models' captions in one file; --overwrite 
 """
 from __future__ import annotations
 
-import collections
-import contextlib
 import csv
 import glob
 import io
 import json
 import os
-import stat
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from PIL import Image
 
 from .checkpoint import atomic_write, fingerprint, read_checkpoint, resolve_checkpoint
 from .config import DecodeConfig, PreprocessConfig, to_dict, with_overrides
-from .fast_encoder import FastEncoderWarning, cpu_count, quantize_decoders
+from .engine import DEFAULT_WORKERS, read_images, torch_threads
+from .fast_encoder import FastEncoderWarning, cpu_count
 from .outputs import Gallery, PhotoOutputs, caption_row, read_gallery
-from .preprocess import ImageLoadError, header_size, preprocess
+from .preprocess import NotAnImage
 
 FIELDS = ("image", "caption", "score", "error")     # CSV columns; JSON rows use the same keys
 
@@ -113,66 +107,6 @@ def collect_inputs(inputs: list[str], recursive: bool = False) -> tuple[list[Can
                     notes.append(f"skipping folder {path} (use --recursive to caption folders "
                                  "matched by a pattern)")
     return candidates, notes
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading images (in DataLoader worker processes)
-class NotAnImage(ImageLoadError):
-    pass
-
-
-def read_image(path: str, cfg: PreprocessConfig) -> torch.Tensor:
-    """Checked read + the shared preprocessing: (3, S, S), or ImageLoadError with the reason."""
-    if os.path.islink(path) and not os.path.exists(path):
-        raise ImageLoadError(f"dangling symbolic link (to {os.readlink(path)})")
-    try:
-        info = os.stat(path)
-        if stat.S_ISDIR(info.st_mode):
-            raise ImageLoadError("is a directory")
-        if not stat.S_ISREG(info.st_mode):      # reading a FIFO or a device could block forever
-            raise ImageLoadError("not a regular file")
-        if info.st_size == 0:
-            raise NotAnImage("empty file")
-        header_size(path)          # refuses a decompression bomb before decoding a pixel
-        return preprocess(path, cfg)
-    except UnidentifiedImageError:
-        raise NotAnImage("not an image (no format Pillow reads recognises its content)") from None
-    except FileNotFoundError:
-        raise ImageLoadError("no such file or directory") from None
-    except PermissionError:
-        raise ImageLoadError("permission denied") from None
-    except OSError as exc:
-        raise ImageLoadError(f"cannot read: {exc.strerror or exc}") from None
-
-
-class CandidateImages(Dataset):
-    """Item i -> (i, image (3, S, S) or None, error or None); (i, None, None) = ignored non-image."""
-
-    def __init__(self, candidates: list[Candidate], cfg: PreprocessConfig):
-        self.candidates, self.cfg = candidates, cfg
-
-    def __len__(self) -> int:
-        return len(self.candidates)
-
-    def __getitem__(self, i: int):
-        candidate = self.candidates[i]
-        try:
-            return i, read_image(candidate.path, self.cfg), None
-        except NotAnImage as exc:
-            return i, None, str(exc) if candidate.expected else None
-        except ImageLoadError as exc:
-            return i, None, str(exc)
-        except Exception as exc:  # one odd file must never stop a 10,000-image job
-            return i, None, f"{type(exc).__name__}: {exc}"
-
-
-def collate(items):
-    """-> (indices of images, images (B, 3, S, S) or None, [(index, error)], [ignored indices])."""
-    good = [(i, x) for i, x, _ in items if x is not None]
-    errors = [(i, err) for i, x, err in items if x is None and err is not None]
-    ignored = [i for i, x, err in items if x is None and err is None]
-    images = torch.stack([x for _, x in good]) if good else None
-    return [i for i, _ in good], images, errors, ignored
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,108 +418,47 @@ def catch_up(photo_outputs: PhotoOutputs, kept_rows: list[dict], reporter: Repor
 
 def run(checkpoint: Path, todo: list[Candidate], args, writer: RowWriter, reporter: Reporter,
         counts: dict[str, int], photo_outputs: PhotoOutputs | None = None) -> None:
+    """Caption `todo` with the engine every entry point uses (engine.py), writing rows per batch."""
+    from .api import Captioner
+
     # The image workers start first (they need only the checkpoint's preprocessing), so the
-    # first batches are read while the model loads. They run one PyTorch thread each.
-    workers = args.workers if args.workers is not None else min(cpu_count(), 4)
-    images = CandidateImages(todo, checkpoint_preprocess(checkpoint))
-    batches = iter(DataLoader(images, batch_size=args.batch_size, num_workers=workers,
-                              collate_fn=collate, prefetch_factor=2 if workers else None))
-    with warnings.catch_warnings(record=True) as caught:
+    # first batches are read while the model loads.
+    workers = args.workers if args.workers is not None else min(cpu_count(), DEFAULT_WORKERS)
+    batches = read_images([c.path for c in todo], checkpoint_preprocess(checkpoint), args.batch_size, workers)
+    with warnings.catch_warnings(record=True) as caught, torch_threads(1):
         warnings.simplefilter("always", FastEncoderWarning)
-        captioner = load_captioner(checkpoint, args)
+        # One thread while loading: an export runs the CNN once beside the image workers.
+        captioner = Captioner.load(checkpoint, device=args.device, fast=not getattr(args, "no_fast", False))
     for warning in caught:   # "fast path unavailable" as one line like the others; the rest as usual
         if issubclass(warning.category, FastEncoderWarning):
             reporter.warn(str(warning.message))
         else:
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     cfg = captioner.decode_config(**{k: getattr(args, k, None) for k in DECODE_OPTIONS})
-
-    # PyTorch runs the decoder on one thread: its small LSTM steps gain little from more, while
-    # OpenMP threads contending for the cores with ONNX Runtime and the image workers slow each
-    # step down many times (see the README's Benchmarks). ONNX Runtime encodes the next batches
-    # in threads meanwhile; an eager PyTorch CNN instead runs in turn with the decoder, on every core.
-    fast = captioner.fast_encoder is not None
-
-    def encode(batch):
-        indices, pixels, errors, ignored = batch
-        if pixels is None:
-            return indices, None, errors, ignored
-        with contextlib.nullcontext() if fast else torch_threads(cpu_count()):
-            return indices, captioner.encode(pixels), errors, ignored
-
-    encoded = encode_ahead(batches, encode, cpu_count()) if fast else map(encode, batches)
-    with torch_threads(1), torch.inference_mode():
-        for indices, features, errors, ignored in encoded:
-            rows = {}
-            if features is not None:
-                for i, cap in zip(indices, captioner.caption_features(features, cfg)):
-                    rows[i] = caption_row(todo[i].path, cap, words=writer.wants_words)
-            output_failures = write_photo_outputs(photo_outputs, [rows[i] for i in indices],
-                                                  reporter) if photo_outputs else 0
-            for i, error in errors:
-                rows[i] = {"image": todo[i].path, "error": error}
-                reporter.warn(f"{todo[i].path}: {error}")
-            writer.write([rows[i] for i in sorted(rows)])
-            counts["captioned"] += len(indices) - output_failures
-            counts["failed"] += len(errors) + output_failures
-            counts["ignored"] += len(ignored)
-            reporter.bar.update(len(indices) + len(errors) + len(ignored))
-
-
-# ONNX Runtime encodes one batch per core, each on a single thread, rather than one batch at a
-# time on all cores: EfficientNet's many small layers keep threads waiting for each other,
-# worse when they share the cores with the image workers and the decoder (measured: +15%).
-ENCODER_THREADS = 1
-
-
-def encode_ahead(batches: Iterator, encode: Callable, depth: int) -> Iterator:
-    """encode(batch) for each batch, in order, with `depth` batches encoding in threads while the
-    caller decodes (ONNX Runtime and PyTorch release the GIL while they compute)."""
-    with ThreadPoolExecutor(depth, thread_name_prefix="encoder") as pool:
-        pending: collections.deque = collections.deque()
-        for batch in batches:
-            pending.append(pool.submit(encode, batch))
-            if len(pending) > depth:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+    many = len(todo) > args.batch_size
+    for batch, captions in captioner.engine.caption_batches(batches, cfg, many=many):
+        rows = {i: caption_row(todo[i].path, cap, words=writer.wants_words)
+                for i, cap in zip(batch.indices, captions)}
+        output_failures = write_photo_outputs(photo_outputs, [rows[i] for i in batch.indices],
+                                              reporter) if photo_outputs else 0
+        failed = ignored = 0
+        for i, error in batch.errors:
+            if isinstance(error, NotAnImage) and not todo[i].expected:
+                ignored += 1         # notes.txt in a folder: not an image, and not meant as one
+                continue
+            rows[i] = {"image": todo[i].path, "error": error.reason}
+            reporter.warn(f"{todo[i].path}: {error.reason}")
+            failed += 1
+        writer.write([rows[i] for i in sorted(rows)])
+        counts["captioned"] += len(batch.indices) - output_failures
+        counts["failed"] += failed + output_failures
+        counts["ignored"] += ignored
+        reporter.bar.update(len(batch.indices) + len(batch.errors))
 
 
 def checkpoint_preprocess(checkpoint: Path) -> PreprocessConfig:
     """The checkpoint's image preprocessing, from its checked header (no tensor is read)."""
     return read_checkpoint(checkpoint, tensors=False).preprocess
-
-
-def load_captioner(checkpoint: Path, args):
-    """The model with the fast CPU paths: ONNX Runtime CNN (unless --no-fast) and int8 decoding
-    (unless --no-fast or --no-int8)."""
-    from .api import Captioner
-
-    fast = not getattr(args, "no_fast", False)
-    with torch_threads(1):    # loading runs the CNN once on a dummy image: see run()
-        captioner = Captioner.load(checkpoint, device=args.device, fast=False)
-    if fast:
-        captioner.enable_fast_encoder(threads=ENCODER_THREADS)
-    if captioner.fast_encoder is None and captioner.device.type == "cpu":
-        # Eager CNN (--no-fast, or no ONNX Runtime): channels-last weights make its convolutions
-        # ~1.5x faster on CPU (65 -> 43 core-ms per image), with features equal to 1e-5.
-        captioner.encoder.to(memory_format=torch.channels_last)
-    if fast and not getattr(args, "no_int8", False) and captioner.device.type == "cpu":
-        decoders = quantize_decoders(captioner.decoders)
-        if decoders is not None:
-            captioner.decoders = decoders
-    return captioner
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """PyTorch's intra-op threads for a block (a process-wide setting, so restored after)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def summary(counts: dict[str, int], already: int, seconds: float, output: str | None,

@@ -106,10 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, help="image-reading processes (default: CPU cores, at most 4)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--no-int8", action="store_true",
-                   help="decode in fp32, not int8: captions identical to plain PyTorch (slower)")
     p.add_argument("--no-fast", action="store_true",
-                   help="plain PyTorch: eager CNN instead of ONNX Runtime, fp32 decoding (slowest)")
+                   help="run the CNN in eager PyTorch instead of ONNX Runtime (same captions, slower)")
     add_decode_args(p)
 
     p = sub.add_parser("train", help="train a captioner on Flickr8k or COCO")

@@ -20,7 +20,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .config import PreprocessConfig, to_dict
-from .preprocess import ImageLoadError, preprocess
+# The one image Dataset and collate of the package (admission + preprocessing), also under the
+# names training used before.
+from .preprocess import ImageInputs, collate_images
+from .preprocess import ImageInputs as ImageFiles  # noqa: F401
 from .vocab import Vocabulary
 
 
@@ -182,36 +185,9 @@ def holdout_split(records: list[ImageCaptions], fraction: float, seed: int = 0
 
 # ---------------------------------------------------------------------------------------------
 # Images for the encoder
-class ImageFiles(Dataset):
-    """Preprocessed images for a list of paths; unreadable ones come back as None + reason."""
-
-    def __init__(self, paths: list[str], cfg: PreprocessConfig, transform=None):
-        self.paths, self.cfg, self.transform = paths, cfg, transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            image = self.paths[i] if self.transform is None else self.transform(self.paths[i])
-            return i, preprocess(image, self.cfg), None
-        except ImageLoadError as exc:
-            return i, None, str(exc)
-        except Exception as exc:  # one bad file must never stop a 10,000-image job
-            return i, None, f"{type(exc).__name__}: {exc}"
-
-
-def collate_images(batch):
-    """Keep readable images stacked and report the others: (indices, tensor|None, errors)."""
-    good = [(i, x) for i, x, err in batch if err is None]
-    errors = [(i, err) for i, x, err in batch if err is not None]
-    tensor = torch.stack([x for _, x in good]) if good else None
-    return [i for i, _ in good], tensor, errors
-
-
 def image_loader(paths: list[str], cfg: PreprocessConfig, batch_size: int, num_workers: int,
                  transform=None) -> DataLoader:
-    return DataLoader(ImageFiles(paths, cfg, transform), batch_size=batch_size, shuffle=False,
+    return DataLoader(ImageInputs(paths, cfg, transform), batch_size=batch_size, shuffle=False,
                       num_workers=num_workers, collate_fn=collate_images,
                       persistent_workers=False, prefetch_factor=4 if num_workers else None)
 

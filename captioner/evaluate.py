@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 
 from .config import DecodeConfig
-from .datasets import ImageCaptions, image_loader
+from .datasets import ImageCaptions
 
 METRIC_NAMES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
@@ -81,22 +81,26 @@ def close_meteor(meteor) -> None:
 
 
 def caption_records(captioner, records: Sequence[ImageCaptions], cfg: DecodeConfig,
-                    batch_size: int = 64, num_workers: int = 2, progress: bool = True
+                    batch_size: int = 64, num_workers: int | None = None, progress: bool = True
                     ) -> dict[str, str]:
-    """Generated caption per image id (images that cannot be read are left out)."""
+    """Generated caption per image id, by the engine every entry point uses (images that cannot
+    be read are left out, with one warning). num_workers: image-reading processes (None: the
+    engine's default)."""
     from tqdm import tqdm
 
-    loader = image_loader([r.path for r in records], captioner.preprocess_cfg, batch_size,
-                          num_workers)
+    from .engine import CaptionEngine
+
+    engine = captioner.engine if num_workers is None else CaptionEngine(captioner, workers=num_workers)
     out: dict[str, str] = {}
     failed: list[tuple[int, str]] = []
+    results = engine.caption([r.path for r in records], cfg, batch_size=batch_size, on_error="skip")
     with tqdm(total=len(records), desc="captioning", unit="img", disable=not progress) as bar:
-        for indices, images, errors in loader:
-            if images is not None:
-                for i, cap in zip(indices, captioner.caption_features(captioner.encode(images), cfg)):
-                    out[records[i].image_id] = cap.text
-            failed += errors
-            bar.update(len(indices) + len(errors))
+        for i, caption in enumerate(results):
+            if caption.error is None:
+                out[records[i].image_id] = caption.text
+            else:
+                failed.append((i, caption.error))
+            bar.update(1)
     if failed:
         i, reason = failed[0]
         warnings.warn(f"captioning: skipped {len(failed)} unreadable images "

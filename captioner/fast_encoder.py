@@ -1,5 +1,4 @@
-"""Fast CPU inference: the checkpoint's CNN exported to ONNX once and run by ONNX Runtime, and int8
-decoders for the CLI.
+"""Fast CPU inference: the checkpoint's CNN exported to ONNX once and run by ONNX Runtime.
 
 On two CPU cores eager PyTorch runs EfficientNet-Lite0 at a small fraction of ONNX Runtime's speed
 (see the README's Benchmarks), and the encoder dominates captioning time. Eager PyTorch stays the
@@ -172,34 +171,6 @@ def load_fast_encoder(encoder: nn.Module, cfg: PreprocessConfig, cache_dir: str 
                               f"{error:.2g}; the CNN runs in eager PyTorch (slower)")
         return None
     return session
-
-
-def quantize_decoders(decoders: nn.ModuleList) -> nn.ModuleList | None:
-    """int8 dynamic quantization of the per-word layers (LSTM and readout) of each decoder, for
-    CPU inference; None (with one warning) when this torch has no dynamic quantization.
-
-    Decoding a word reads every LSTM and readout weight; int8 weights (with int8 matrix products)
-    make it 2-3x faster on CPU. Captions change where two words are nearly tied: on Flickr8k test
-    ~5% of them, with CIDEr within the 0.005 the project accepts (see the README's Benchmarks);
-    --no-int8 keeps plain PyTorch's captions. Activations are quantized per batch, so a caption
-    can also depend on the images it is batched with. The features -> state layers run once per
-    image and stay fp32.
-    """
-    try:
-        from torch.ao.quantization import (default_dynamic_qconfig, per_channel_dynamic_qconfig,
-                                           quantize_dynamic)
-
-        # One scale per vocabulary row for the readout: a single scale for all of it moved beam-3
-        # CIDEr by -0.0065 on Flickr8k test, per row by -0.0013 (the LSTM has no per-row option).
-        layers = {"lstm": default_dynamic_qconfig, "readout": per_channel_dynamic_qconfig}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")   # deprecation notices: torch.ao is moving to torchao
-            return nn.ModuleList(quantize_dynamic(d, layers, dtype=torch.qint8)
-                                 for d in decoders)              # copies; the originals stay fp32
-    except Exception as exc:  # removed from this torch, or no int8 engine on this CPU
-        warn_once("no-int8", f"int8 decoding is unavailable ({type(exc).__name__}: {exc}); "
-                             "the decoder runs in fp32")
-        return None
 
 
 def make_encode_fn(encoder: nn.Module, preprocess_cfg: PreprocessConfig,

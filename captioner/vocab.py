@@ -5,6 +5,7 @@ downloaded nltk data (plain `word_tokenize` wants the punkt model, which is not 
 """
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
@@ -18,6 +19,20 @@ def tokenize(text: str) -> list[str]:
 
     tokens = word_tokenize(text.lower(), preserve_line=True)
     return [t for t in tokens if any(ch.isalnum() for ch in t)]
+
+
+@functools.lru_cache(maxsize=1)
+def _detokenizer():
+    from nltk.tokenize.treebank import TreebankWordDetokenizer   # ~1.5 s to import: once, on use
+
+    return TreebankWordDetokenizer()
+
+
+def detokenize(words: Sequence[str]) -> str:
+    """Tokens -> plain English, the inverse of tokenize: ["a", "man", "'s", "shirt"] -> "a man's
+    shirt", ["does", "n't"] -> "doesn't". Every caption shown or written goes through here; the
+    PTB tokenizer of the metrics splits them again, so scores do not change."""
+    return _detokenizer().detokenize(list(words))
 
 
 class Vocabulary:
@@ -46,8 +61,12 @@ class Vocabulary:
         return [self.bos_id] + [self.stoi.get(w, self.unk_id) for w in words] + [self.eos_id]
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Words up to the first <end>, specials dropped."""
-        return " ".join(self.words(ids))
+        """Plain-English text of the words up to the first <end>, specials dropped."""
+        return detokenize(self.words(ids))
+
+    @staticmethod
+    def detokenize(words: Sequence[str]) -> str:
+        return detokenize(words)
 
     def words(self, ids: Iterable[int]) -> list[str]:
         out = []

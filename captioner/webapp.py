@@ -23,12 +23,9 @@ import torch
 from .api import Caption, Captioner, default_checkpoint
 from .checkpoint import CheckpointError
 from .outputs import confidence_color
-from .preprocess import ImageLoadError, ImageTooLarge, header_size
+from .preprocess import MAX_PIXELS, ImageLoadError, ImageTooLarge, NotAnImage
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
-# A 50-megapixel phone photo passes; a decompression bomb (a tiny file that decodes to gigabytes)
-# is refused from its header, before any pixel is decoded.
-MAX_PIXELS = 60_000_000
 MAX_UPLOAD = "25mb"
 # Two cores: two requests in flight keep both busy; the rest wait in the queue.
 DEFAULT_CONCURRENCY = 2
@@ -65,20 +62,20 @@ class BadRequest(Exception):
     """An upload or a setting we cannot caption with; the message is shown to the user."""
 
 
-def check_image(path: str | os.PathLike) -> None:
-    """Refuse non-images and oversized images from the header alone (nothing is decoded)."""
-    try:
-        header_size(path, MAX_PIXELS)
-    except ImageTooLarge as exc:
+def bad_image(exc: ImageLoadError) -> BadRequest:
+    """The user's message for an upload the engine's admission refused (preprocess.read_image:
+    non-images, unreadable files, and images over MAX_PIXELS judged from the header alone)."""
+    if isinstance(exc, ImageTooLarge):
         if exc.size is None:
-            raise BadRequest("This image is far too large (a decompression bomb?); "
-                             f"the limit is {MAX_PIXELS / 1e6:.0f} megapixels.") from None
+            return BadRequest("This image is far too large (a decompression bomb?); "
+                              f"the limit is {MAX_PIXELS / 1e6:.0f} megapixels.")
         width, height = exc.size
-        raise BadRequest(f"This image is too large: {width}x{height} pixels "
-                         f"({width * height / 1e6:.0f} megapixels; the limit is {MAX_PIXELS / 1e6:.0f}).") from None
-    except (OSError, SyntaxError, ValueError):
-        raise BadRequest("This file is not an image (or a format Pillow cannot read): "
-                         "please upload a JPEG, PNG, WebP, GIF, BMP or TIFF photo.") from None
+        return BadRequest(f"This image is too large: {width}x{height} pixels "
+                          f"({width * height / 1e6:.0f} megapixels; the limit is {MAX_PIXELS / 1e6:.0f}).")
+    if isinstance(exc, NotAnImage):
+        return BadRequest("This file is not an image (or a format Pillow cannot read): "
+                          "please upload a JPEG, PNG, WebP, GIF, BMP or TIFF photo.")
+    return BadRequest(f"Could not read this image: {exc.reason}")
 
 
 def upload_path(image: Any) -> str:
@@ -164,11 +161,10 @@ class CaptionService:
         Raises BadRequest with a message for the user when the upload cannot be captioned."""
         path = upload_path(image)
         options = decoding_options(method, beam_size, temperature, top_p, num_captions)
-        check_image(path)
         try:
             best = self.captioner.caption(path, **options)
         except ImageLoadError as exc:
-            raise BadRequest(f"Could not read this image: {exc}") from None
+            raise bad_image(exc) from None
         # Beam search returns its n best in order; samples come in drawing order: rank by score.
         ranked = sorted(best.alternatives or [best], key=lambda c: -c.score)
         top = ranked[0]

@@ -25,7 +25,6 @@ from captioner.batch import PROVENANCE_SUFFIX, run_provenance
 from captioner.checkpoint import read_checkpoint
 from captioner.cli import main
 from captioner.config import with_overrides
-from captioner.fast_encoder import quantize_decoders
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -170,7 +169,7 @@ def test_unreadable_file_is_an_error_row(tmp_path, flickr8k_tiny, tiny_checkpoin
 
 def test_rows_match_the_api_and_exif_is_applied(tmp_path, flickr8k_tiny, tiny_checkpoint,
                                                 tiny_captioner, capsys):
-    """--no-int8: exactly the captions of plain PyTorch (tiny_captioner is eager), whatever the
+    """Exactly the captions of the API (tiny_captioner runs the eager CNN), whatever the
     batches hold; broken files in between must not shift a caption to another image."""
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -185,7 +184,7 @@ def test_rows_match_the_api_and_exif_is_applied(tmp_path, flickr8k_tiny, tiny_ch
     images = sorted(str(p) for p in folder.iterdir() if "broken" not in p.name)
     for method in ("greedy", "beam"):
         code, stdout, _ = run_cli(capsys, folder, "--checkpoint", tiny_checkpoint, "--method", method,
-                                  "--beam-size", 3, "--batch-size", 3, "--quiet", "--no-int8")
+                                  "--beam-size", 3, "--batch-size", 3, "--quiet")
         assert code == 1
         rows = {row["image"]: row for row in map(json.loads, stdout.splitlines())}
         expected = tiny_captioner.caption(images, method=method, beam_size=3)
@@ -195,18 +194,6 @@ def test_rows_match_the_api_and_exif_is_applied(tmp_path, flickr8k_tiny, tiny_ch
             [cap.score for cap in expected], abs=1e-3)
         assert rows[str(folder / "sideways.png")]["caption"] == rows[str(folder / "upright.png")]["caption"]
         assert len({rows[image]["caption"] for image in images}) > 2
-
-
-def test_default_int8_decoding_matches_the_api_with_int8(tmp_path, flickr8k_tiny, tiny_checkpoint, capsys):
-    """int8 dynamic quantization scales activations per batch, so compare equal batches."""
-    images = [str(p) for p in sorted((flickr8k_tiny / "Images").glob("*.jpg"))]
-    int8 = Captioner.load(tiny_checkpoint)
-    int8.decoders = quantize_decoders(int8.decoders)
-    code, stdout, _ = run_cli(capsys, *images, "--checkpoint", tiny_checkpoint, "--method", "greedy",
-                              "--batch-size", 3, "--quiet")
-    assert code == 0
-    assert [json.loads(line)["caption"] for line in stdout.splitlines()] == [
-        cap.text for cap in int8.caption(images, method="greedy", batch_size=3)]
 
 
 def test_all_good_exits_0_and_writes_csv(tmp_path, flickr8k_tiny, tiny_checkpoint, capsys):
@@ -363,7 +350,7 @@ def test_without_onnxruntime_the_cli_falls_back_with_one_line(monkeypatch, flick
     monkeypatch.setitem(sys.modules, "onnxruntime", None)       # import raises ImportError
     images = [str(p) for p in sorted((flickr8k_tiny / "Images").glob("*.jpg"))[:3]]
     code, stdout, stderr = run_cli(capsys, *images, "--checkpoint", tiny_checkpoint, "--method",
-                                   "greedy", "--no-int8")
+                                   "greedy")
     assert code == 0
     assert [json.loads(line)["caption"] for line in stdout.splitlines()] == [
         cap.text for cap in tiny_captioner.caption(images, method="greedy")]     # eager, fp32

@@ -183,3 +183,14 @@ def test_combine_refuses_different_vocabularies(capsys, tmp_path, tiny_checkpoin
     status, out, err = run_main(capsys, "combine", tiny_checkpoint, other, "-o", tmp_path / "x.safetensors")
     assert status == 2 and "vocabulary differs" in err and "Traceback" not in err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["caption", "--help"], ["evaluate", "--help"],
+                                  ["train", "--help"], ["caption"], ["frobnicate"]])
+def test_help_and_usage_errors_do_not_import_torch(argv):
+    """`captioner --help` answers in a fraction of a second: torch (seconds to import) stays out."""
+    code = ("import sys\nfrom captioner.cli import main\ntry:\n    main(sys.argv[1:])\n"
+            "except SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch was imported'\n")
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr

@@ -60,7 +60,7 @@ def test_unreadable_images_are_left_out_with_one_warning(tiny_captioner, flickr8
     records = [ImageCaptions("dog", str(dog), ["a dog"]), ImageCaptions("bad", str(bad), ["?"]),
                ImageCaptions("bad2", str(bad), ["?"])]
     cfg = DecodeConfig(method="greedy")
-    with pytest.warns(UserWarning, match=r"skipped 2 unreadable images \(first: .*broken.jpg: not a readable"):
+    with pytest.warns(UserWarning, match=r"skipped 2 unreadable images \(first: .*broken.jpg: not an image"):
         captions = caption_records(tiny_captioner, records, cfg, num_workers=0, progress=False)
     assert list(captions) == ["dog"] and captions["dog"]
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="none of the 2 images could be read"):

@@ -14,7 +14,7 @@ from captioner import fast_encoder
 from captioner.api import Captioner
 from captioner.config import PreprocessConfig
 from captioner.fast_encoder import (FastEncoderWarning, OnnxEncoder, encoder_fingerprint,
-                                    load_fast_encoder, make_encode_fn, quantize_decoders)
+                                    load_fast_encoder, make_encode_fn)
 
 SMALL = PreprocessConfig(image_size=32)
 
@@ -172,22 +172,3 @@ def test_enable_fast_encoder_threads_and_off(tiny_checkpoint):
     assert captioner.enable_fast_encoder(False) is False and captioner.fast_encoder is None
 
 
-def test_int8_decoder_stays_close_to_fp32(tiny_captioner, flickr8k_tiny):
-    int8 = quantize_decoders(tiny_captioner.decoders)
-    assert int8 is not None and int8[0] is not tiny_captioner.decoders[0]
-    assert "quantized" in type(int8[0].lstm).__module__ and "quantized" in type(int8[0].readout).__module__
-    assert isinstance(tiny_captioner.decoders[0].readout, nn.Linear)     # the original stays fp32
-    features = tiny_captioner.encode(fixture_images(tiny_captioner, flickr8k_tiny))   # (N, 1280)
-    tokens = torch.full((len(features),), tiny_captioner.vocab.bos_id)
-    with torch.inference_mode():
-        fp32_logprobs, _ = tiny_captioner.decoders[0].step(tokens, tiny_captioner.decoders[0].start_state(features))
-        int8_logprobs, _ = int8[0].step(tokens, int8[0].start_state(features))
-    # int8 rounding moves each word's probability by a little (log-probs of unlikely words more)
-    assert (fp32_logprobs.exp() - int8_logprobs.exp()).abs().max() < 0.02
-    assert torch.equal(fp32_logprobs.argmax(-1), int8_logprobs.argmax(-1))
-
-
-def test_no_int8_falls_back_to_fp32(monkeypatch, tiny_captioner):
-    monkeypatch.setitem(sys.modules, "torch.ao.quantization", None)
-    with pytest.warns(FastEncoderWarning, match="int8 decoding is unavailable"):
-        assert quantize_decoders(tiny_captioner.decoders) is None

@@ -90,3 +90,12 @@ def test_json_list_round_trip():
 def test_invalid_word_lists_are_rejected(words, message):
     with pytest.raises(ValueError, match=message):
         Vocabulary(words)
+
+
+def test_captions_are_plain_english():
+    from captioner.vocab import detokenize
+
+    assert detokenize(["a", "man", "'s", "shirt"]) == "a man's shirt"
+    assert detokenize(["the", "dog", "does", "n't", "swim"]) == "the dog doesn't swim"
+    assert detokenize(tokenize("Two dogs' toys, a girl's hat.")) == "two dogs toys a girl's hat"
+    assert detokenize([]) == ""
