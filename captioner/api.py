@@ -214,8 +214,8 @@ class Captioner(nn.Module):
                 states += [h, c]
             stacked = torch.stack(all_logprobs)                               # (M, N, V)
             logprobs, new_state = torch.logsumexp(stacked, dim=0), tuple(states)
-        banned = [self.vocab.pad_id, self.vocab.bos_id, self.vocab.unk_id]
-        logprobs = logprobs.index_fill(1, torch.tensor(banned, device=logprobs.device), float("-inf"))
+        banned = torch.tensor([self.vocab.pad_id, self.vocab.bos_id, self.vocab.unk_id], device=logprobs.device)
+        logprobs = logprobs.index_fill(1, banned, float("-inf"))
         return torch.log_softmax(logprobs, dim=-1), new_state                  # (N, V)
 
     def start_state(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
