@@ -58,21 +58,20 @@ def summary(seconds: list[float]) -> str:
     return f"median {statistics.median(ms):6.0f} ms   p90 {p90:6.0f} ms   (n={len(ms)})"
 
 
-def start_server(checkpoint: str, port: int, timeout: float = 180.0) -> tuple[subprocess.Popen, Client]:
-    """The app as a user runs it, in its own process; returns once it answers."""
-    server = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--checkpoint", checkpoint,
-                               "--port", str(port)], cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def start_server(command: list[str], port: int, what: str, timeout: float = 180.0
+                 ) -> tuple[subprocess.Popen, Client]:
+    """Run `command` (a Gradio app on `port`) in its own process; returns once it answers."""
+    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise SystemExit(f"the app exited with status {server.returncode}:\n{server.stderr.read()}")
+            raise SystemExit(f"{what} exited with status {server.returncode}:\n{server.stderr.read()}")
         try:
             return server, Client(f"http://127.0.0.1:{port}/", verbose=False)
         except Exception:   # not listening yet
             time.sleep(0.5)
     server.kill()
-    raise SystemExit(f"the app did not answer on port {port} within {timeout:.0f} s")
+    raise SystemExit(f"{what} did not answer on port {port} within {timeout:.0f} s")
 
 
 def floor_app():
@@ -92,21 +91,6 @@ def floor_app():
         button.click(lambda *inputs: reply, [image, *controls], outputs, api_name="caption", preprocess=False)
     app.queue(default_concurrency_limit=webapp.DEFAULT_CONCURRENCY, max_size=webapp.QUEUE_SIZE)
     return app
-
-
-def start_floor(port: int, timeout: float = 120.0) -> tuple[subprocess.Popen, Client]:
-    server = subprocess.Popen([sys.executable, __file__, "--floor-server", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the floor app exited with status {server.returncode}:\n{server.stderr.read()}")
-        try:
-            return server, Client(f"http://127.0.0.1:{port}/", verbose=False)
-        except Exception:   # not listening yet
-            time.sleep(0.5)
-    server.kill()
-    raise SystemExit(f"the floor app did not answer on port {port} within {timeout:.0f} s")
 
 
 def timed_caption(client: Client, photo: str) -> float:
@@ -178,8 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoint {args.checkpoint}; {len(photos)} example photos "
           f"({', '.join(Path(p).name for p in photos)})")
     direct = api_latency(args.checkpoint, photos, args.single)
-    server, client = start_server(args.checkpoint, args.port)
-    floor_server, floor_client = start_floor(args.port + 1)
+    server, client = start_server([sys.executable, str(ROOT / "app.py"), "--checkpoint", args.checkpoint,
+                                   "--port", str(args.port)], args.port, "the app")
+    floor_server, floor_client = start_server([sys.executable, __file__, "--floor-server", str(args.port + 1)],
+                                              args.port + 1, "the floor app")
     try:
         for photo in photos:                                     # warm-up, one per photo
             timed_caption(client, photo)
