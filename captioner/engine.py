@@ -109,14 +109,11 @@ class CaptionEngine:
         """images (B, 3, S, S) -> features (B, D). ONNX Runtime encodes one batch on all cores for
         a single batch (lowest latency); a long job encodes one batch per core, each on one
         thread (EfficientNet's many small layers keep threads waiting for each other: +15%
-        throughput). An eager CNN runs on every core, in turn with the decoder."""
+        throughput). An eager CNN runs in turn with the decoder, on the process's threads."""
         captioner = self.captioner
         fast = captioner.fast_encoder
         if fast is None:
-            def eager(images: torch.Tensor) -> torch.Tensor:
-                with torch_threads(cpu_count()):
-                    return captioner.encode(images)
-            return eager
+            return captioner.encode     # on the process's PyTorch threads (all cores by default)
         if not many or not isinstance(fast, OnnxEncoder):
             return captioner.encode
         if self._stream_encoder is None or self._stream_encoder[0] is not fast:

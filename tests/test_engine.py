@@ -102,3 +102,18 @@ def test_caption_stream_yields_in_input_order(fast_captioner, flickr8k_tiny):
     streamed = fast_captioner.caption_stream(images, method="greedy", batch_size=2)
     assert next(streamed).image == images[0]
     assert [c.image for c in streamed] == images[1:]
+
+
+def test_one_pixel_limit_for_paths_and_pil_images(fast_captioner, tmp_path):
+    """The same admission everywhere: MAX_PIXELS from a file's header, and for an image in memory."""
+    from PIL import Image
+
+    from captioner.preprocess import MAX_PIXELS, ImageTooLarge
+
+    side = int(MAX_PIXELS ** 0.5) + 1
+    big = Image.new("1", (side, side))                       # 1 bit a pixel: 8 MB in memory
+    with pytest.raises(ImageTooLarge, match=f"{side}x{side}"):
+        fast_captioner.caption(big)
+    big.save(tmp_path / "big.png")
+    (result,) = fast_captioner.caption([tmp_path / "big.png"], on_error="skip")
+    assert isinstance(result.failure, ImageTooLarge) and result.failure.size == (side, side)
