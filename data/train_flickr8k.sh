@@ -3,9 +3,10 @@
 #
 # 1. the feature cache: EfficientNet-Lite0 features of the train photos, of their mirror images
 #    (flip augmentation) and of the dev photos, computed once;
-# 2. four LSTM decoders on those features, one per core at a time (each on one thread): the base
-#    recipe and three variants that each change one lever (scheduled sampling, label smoothing,
-#    tied embedding/readout); each keeps its best dev CIDEr epoch;
+# 2. three LSTM decoders on those features, side by side (each on one thread): the base recipe and
+#    two variants that each change one lever (scheduled sampling, label smoothing); each keeps its
+#    best dev CIDEr epoch. (Tied embedding/readout, --tie-embeddings, is a fourth lever the code
+#    supports; it is left out to keep the recipe within two hours on 2 cores.);
 # 3. scripts/select_members.py chooses the ensemble (forward selection) and the decoding settings
 #    (length penalty, n-gram blocking) on the dev split only, and writes the fp16 checkpoint;
 # 4. dev and test scores recorded in its header.
@@ -16,8 +17,8 @@ PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/flickr8k}
 CACHE=${CACHE:-$OUT/cache}
 TARGET=${TARGET:-checkpoints/model.safetensors}
-EPOCHS=${EPOCHS:-14}
-PARALLEL=${PARALLEL:-4}      # decoders trained at once, one thread each (PARALLEL=2 on a busy machine)
+EPOCHS=${EPOCHS:-8}
+PARALLEL=${PARALLEL:-3}      # decoders trained at once, one thread each
 
 mkdir -p "$OUT"
 start=$(date +%s)
@@ -25,15 +26,15 @@ $PY -m captioner prepare --dataset flickr8k --data-root "$FLICKR8K" --cache-dir 
 
 common=(--dataset flickr8k --data-root "$FLICKR8K" --cache-dir "$CACHE" --epochs "$EPOCHS" --batch-size 128
         --lr 5e-4 --patience 4 --seed 0 --flip-augment --resume)
-members=(base sampling smoothing tied)
+members=(base sampling smoothing)
 declare -A options=(
   [base]=""
-  [sampling]="--scheduled-sampling 0.2 --scheduled-sampling-ramp 7"
+  [sampling]="--scheduled-sampling 0.2 --scheduled-sampling-ramp 5"
   [smoothing]="--label-smoothing 0.1"
-  [tied]="--tie-embeddings"
 )
 # One thread per process: the small LSTM's matrix products gain little from a second thread, so
-# two decoders side by side use two cores better than one decoder on both.
+# decoders side by side use two cores better than one decoder on both (three on two cores keep both
+# busy while one validates).
 pids=()
 for name in "${members[@]}"; do
   while (( $(jobs -rp | wc -l) >= PARALLEL )); do sleep 5; done
