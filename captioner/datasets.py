@@ -1,12 +1,11 @@
-"""Caption datasets (Flickr8k, COCO via pycocotools + the Karpathy split), the on-disk feature
-cache for a frozen CNN, and the token dataset the decoder trains on.
+"""Caption datasets (Flickr8k, COCO via pycocotools + the Karpathy split) and the token dataset
+the decoder trains on (the feature cache of a frozen CNN is in features.py).
 
 Messy data is expected: images that are missing or unreadable and captions that point to no image
 are skipped and counted in ONE warning, never a crash.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -17,13 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from .config import PreprocessConfig, to_dict
-# The one image Dataset and collate of the package (admission + preprocessing), also under the
-# names training used before.
-from .preprocess import ImageInputs, collate_images
-from .preprocess import ImageInputs as ImageFiles  # noqa: F401
 from .vocab import Vocabulary
 
 
@@ -181,99 +175,6 @@ def holdout_split(records: list[ImageCaptions], fraction: float, seed: int = 0
     val_idx = set(order[:n_val])
     return ([r for i, r in enumerate(records) if i not in val_idx],
             [r for i, r in enumerate(records) if i in val_idx])
-
-
-# ---------------------------------------------------------------------------------------------
-# Images for the encoder
-def image_loader(paths: list[str], cfg: PreprocessConfig, batch_size: int, num_workers: int,
-                 transform=None) -> DataLoader:
-    return DataLoader(ImageInputs(paths, cfg, transform), batch_size=batch_size, shuffle=False,
-                      num_workers=num_workers, collate_fn=collate_images,
-                      persistent_workers=False, prefetch_factor=4 if num_workers else None)
-
-
-# ---------------------------------------------------------------------------------------------
-# Feature cache: a frozen CNN's pooled features computed once, stored as a memory-mapped fp16 array
-def cache_key(backbone: str, cfg: PreprocessConfig, paths: list[str], variant: str = "") -> str:
-    payload = json.dumps({"backbone": backbone, "preprocess": to_dict(cfg), "variant": variant,
-                          "paths": [os.path.abspath(p) for p in paths]}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def cache_files(cache_dir: str | os.PathLike, key: str) -> tuple[Path, Path]:
-    """One cache entry: the fp16 array and its completion marker (written last, with the mask)."""
-    return Path(cache_dir) / f"features-{key}.npy", Path(cache_dir) / f"features-{key}.json"
-
-
-def cached_features(encode, backbone: str, cfg: PreprocessConfig, paths: list[str],
-                    cache_dir: str | os.PathLike, batch_size: int = 64, num_workers: int = 2,
-                    variant: str = "", transform=None, shard: tuple[int, int] = (0, 1),
-                    progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Features (N, D) fp16 memory-mapped, and a bool mask of images that could be read.
-
-    The key covers backbone, preprocessing and the image list, so a change to any of them
-    computes a new cache. shard=(rank, world) computes only this rank's rows (rank 0 creates
-    the file; the caller synchronises ranks before reading).
-    """
-    from tqdm import tqdm
-
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    key = cache_key(backbone, cfg, paths, variant)
-    array_path, done_path = cache_files(cache_dir, key)
-    if done_path.is_file():
-        ok = np.array(json.loads(done_path.read_text())["ok"], dtype=bool)
-        return np.load(array_path, mmap_mode="r"), ok
-    rank, world = shard
-    mine = list(range(rank, len(paths), world))
-    part_path = cache_dir / f"features-{key}.rank{rank}.npz"
-    ok = np.zeros(len(paths), dtype=bool)
-    rows, indices = [], []
-    loader = image_loader([paths[i] for i in mine], cfg, batch_size, num_workers, transform)
-    bar = tqdm(total=len(mine), desc=f"features {backbone}", unit="img", disable=not progress)
-    failed = []
-    for local_idx, images, errors in loader:
-        if images is not None:
-            rows.append(encode(images).cpu().numpy().astype(np.float16))
-            indices += [mine[i] for i in local_idx]
-        failed += [(paths[mine[i]], e) for i, e in errors]
-        bar.update(len(local_idx) + len(errors))
-    bar.close()
-    if failed:
-        warnings.warn(f"feature cache: skipped {len(failed)} unreadable images "
-                      f"(first: {failed[0][0]}: {failed[0][1]})", stacklevel=2)
-    features = np.concatenate(rows) if rows else np.zeros((0, 0), np.float16)
-    np.savez(part_path, indices=np.array(indices, dtype=np.int64), features=features)
-    if world == 1:
-        merge_feature_shards(cache_dir, key, len(paths), world)
-        return cached_features(encode, backbone, cfg, paths, cache_dir, progress=False,
-                               variant=variant)
-    return None, None
-
-
-def merge_feature_shards(cache_dir: Path, key: str, total: int, world: int) -> None:
-    """Combine the per-rank parts into the memory-mapped array and mark the cache complete."""
-    part_paths = [cache_dir / f"features-{key}.rank{r}.npz" for r in range(world)]
-    missing = [p.name for p in part_paths if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"feature cache {cache_dir}: parts {missing} were not written here. On several machines "
-            "--cache-dir must be a shared folder, or run `captioner prepare` on each machine first")
-    parts = [np.load(p) for p in part_paths]
-    dim = max((p["features"].shape[1] for p in parts if p["features"].size), default=0)
-    array = np.lib.format.open_memmap(cache_dir / f"features-{key}.npy.tmp.npy", mode="w+",
-                                      dtype=np.float16, shape=(total, dim))
-    ok = np.zeros(total, dtype=bool)
-    for p in parts:
-        if p["features"].size:
-            array[p["indices"]] = p["features"]
-            ok[p["indices"]] = True
-    array.flush()
-    del array
-    os.replace(cache_dir / f"features-{key}.npy.tmp.npy", cache_dir / f"features-{key}.npy")
-    (cache_dir / f"features-{key}.json").write_text(json.dumps({"ok": ok.tolist()}))
-    for r in range(world):
-        (cache_dir / f"features-{key}.rank{r}.npz").unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------

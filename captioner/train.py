@@ -16,10 +16,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import time
 import warnings
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -34,85 +32,17 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from .api import Captioner
 from .checkpoint import load_module_state, read_checkpoint, save_tensors, state_with_prefix
 from .config import DataConfig, DecodeConfig, ModelConfig, PreprocessConfig, TrainConfig, from_dict, to_dict
-from .datasets import (CaptionTokens, ImageCaptions, cache_files, cache_key, cached_features,
-                       holdout_split, load_coco, load_flickr8k, merge_feature_shards, pad_tokens)
+from .datasets import CaptionTokens, ImageCaptions, holdout_split, load_coco, load_flickr8k, pad_tokens
+from .distributed import World, init_world, parse_device, rank_device
 from .encoder import build_backbone
 from .evaluate import caption_records, score_captions
-from .fast_encoder import make_encode_fn
+from .features import default_cache_dir, feature_cache
 from .model import CaptionDecoder, caption_loss
 from .preprocess import open_image, resize, to_tensor
 from .vocab import Vocabulary
 
 LAST_FILE, BEST_DIR, METRICS_FILE, CURVES_FILE = "last.safetensors", "best", "metrics.jsonl", "curves.png"
 VALIDATION_DECODE = DecodeConfig(method="greedy", max_len=20)
-
-
-# ---------------------------------------------------------------------------------------------
-# Processes and devices: a world of one when not under torchrun.
-@dataclass
-class World:
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-    owns_group: bool = False     # this process created the process group, so it closes it
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.size > 1:
-            dist.barrier()
-
-    def all_true(self, flag: bool) -> bool:
-        """The same answer on every rank: is flag true on all of them?"""
-        if self.size == 1:
-            return flag
-        flags = [None] * self.size
-        dist.all_gather_object(flags, bool(flag))
-        return all(flags)
-
-    def close(self) -> None:
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def parse_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r}: not a device name (cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
-def init_world(device: torch.device) -> World:
-    """Join the process group torchrun describes in the environment (WORLD_SIZE, RANK, ...)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1:
-        return World()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    owns_group = not dist.is_initialized()
-    if owns_group and device.type == "cuda":
-        # One GPU per process; NCCL's collectives (barrier, all_gather_object) use the current one.
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
-    elif owns_group:
-        dist.init_process_group("gloo")
-    return World(dist.get_rank(), dist.get_world_size(), local_rank, owns_group)
-
-
-def rank_device(device: torch.device, world: World) -> torch.device:
-    """Under torchrun every process drives the GPU of its local rank."""
-    if device.type == "cuda" and world.size > 1:
-        return torch.device("cuda", world.local_rank)
-    return device
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "captioner" / "features"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,46 +64,6 @@ def training_records(data_cfg: DataConfig, cfg: TrainConfig
     """The exact records training uses (and `captioner prepare` caches): val_images caps val."""
     train, val = load_splits(data_cfg, cfg.seed)
     return train, val[: cfg.val_images] if cfg.val_images else val
-
-
-def hflip(path: str) -> Image.Image:
-    """The photo mirrored left to right: the second view of the flip-augmented feature cache."""
-    return open_image(path).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-
-
-def feature_cache(encoder: nn.Module, backbone: str, preprocess_cfg: PreprocessConfig,
-                  records: list[ImageCaptions], cache_dir: Path, world: World,
-                  device: torch.device, num_workers: int, flipped: bool = False
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Memory-mapped fp16 features (N, D) of the records' images (mirrored when `flipped`) and a
-    mask of the readable ones, computed once: under torchrun each rank encodes 1/world of the
-    images and rank 0 merges."""
-    encoder.eval()
-    fast_encode = None
-
-    @torch.inference_mode()
-    def encode(images: torch.Tensor) -> torch.Tensor:
-        # Built on first use only (an ONNX export takes seconds and a built cache needs none):
-        # ONNX Runtime on CPU, as `captioner caption` uses, eager PyTorch on CUDA.
-        nonlocal fast_encode
-        if fast_encode is None:
-            fast_encode = make_encode_fn(encoder, preprocess_cfg, device)
-        return fast_encode(images).float()                          # (B, D)
-
-    paths = [r.path for r in records]
-    args = dict(cache_dir=cache_dir, batch_size=64, num_workers=num_workers,
-                variant="hflip" if flipped else "", transform=hflip if flipped else None)
-    if world.size > 1:
-        key = cache_key(backbone, preprocess_cfg, paths, args["variant"])
-        # Decided together: a rank that skipped the shards would leave the others at the barrier.
-        if not world.all_true(cache_files(cache_dir, key)[1].is_file()):
-            cached_features(encode, backbone, preprocess_cfg, paths, shard=(world.rank, world.size),
-                            progress=world.is_main, **args)
-            world.barrier()
-            if world.is_main:
-                merge_feature_shards(Path(cache_dir), key, len(paths), world.size)
-            world.barrier()
-    return cached_features(encode, backbone, preprocess_cfg, paths, progress=world.is_main, **args)
 
 
 class ResumableSampler(DistributedSampler):

@@ -29,11 +29,11 @@ import torch
 
 from captioner import Captioner
 from captioner.config import DecodeConfig
-from captioner.datasets import cached_features, load_flickr8k
+from captioner.datasets import load_flickr8k
 from captioner.ensemble import ensemble_of
 from captioner.evaluate import score_captions
 from captioner.fast_encoder import make_encode_fn
-from captioner.train import hflip
+from captioner.features import cached_features, hflip
 
 BAR = {"BLEU-4": 0.215, "METEOR": 0.203, "CIDEr": 0.52}
 LENGTH_PENALTIES = (0.3, 0.5, 0.7, 1.0)

@@ -15,7 +15,8 @@ import torch
 
 from captioner import Captioner
 from captioner.config import DecodeConfig
-from captioner.datasets import cached_features, load_flickr8k
+from captioner.datasets import load_flickr8k
+from captioner.features import cached_features
 from captioner.evaluate import score_captions
 
 

@@ -1,6 +1,5 @@
 """Dataset loaders on tiny real fixtures (and on ../shared/data when present), the messy cases,
-the holdout split, the feature cache and the token dataset."""
-import json
+the holdout split and the token dataset."""
 import shutil
 import warnings
 
@@ -8,11 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from captioner.config import PreprocessConfig
-from captioner.datasets import (CaptionTokens, ImageCaptions, cache_key, cached_features, holdout_split,
-                                image_loader, load_coco, load_flickr8k, merge_feature_shards,
-                                pad_tokens)
-from captioner.preprocess import preprocess
+from captioner.datasets import CaptionTokens, ImageCaptions, holdout_split, load_coco, load_flickr8k, pad_tokens
 from captioner.vocab import Vocabulary
 
 FLICKR_TEST = ["2654514044_a70a6e2c21.jpg", "1258913059_07c613f7ff.jpg",
@@ -130,101 +125,6 @@ def test_holdout_split_is_deterministic():
     assert [r.image_id for r in holdout_split(records, 0.05, seed=4)[1]] != [r.image_id for r in val]
     assert holdout_split(records[:1], 0.05) == (records[:1], [])
     assert len(holdout_split(records[:3], 0.01)[1]) == 1      # at least one validation image
-
-
-# ---- images and the feature cache -------------------------------------------------------------
-CFG = PreprocessConfig(image_size=32)
-
-
-class CountingEncoder:
-    """A real (if simple) encoder: per-channel mean and std of each image; counts its calls."""
-
-    def __init__(self):
-        self.calls = 0
-        self.images = 0
-
-    def __call__(self, images):                          # (B, 3, S, S) -> (B, 6)
-        self.calls += 1
-        self.images += images.shape[0]
-        return torch.cat([images.mean(dim=(2, 3)), images.std(dim=(2, 3))], dim=1)
-
-
-@pytest.fixture
-def image_paths(flickr8k_tiny, tmp_path):
-    """The 8 fixture photos plus one file that is not an image, in the middle."""
-    paths = sorted(str(p) for p in (flickr8k_tiny / "Images").glob("*.jpg"))
-    bad = tmp_path / "broken.jpg"
-    bad.write_bytes(b"not a jpeg")
-    return paths[:4] + [str(bad)] + paths[4:]
-
-
-def test_image_loader_reports_bad_images_as_rows(image_paths):
-    seen, errors = [], []
-    for indices, images, errs in image_loader(image_paths, CFG, batch_size=3, num_workers=0):
-        assert images.shape == (len(indices), 3, 32, 32)
-        seen += indices
-        errors += errs
-    assert seen == [0, 1, 2, 3, 5, 6, 7, 8]
-    assert len(errors) == 1 and errors[0][0] == 4 and "not an image" in str(errors[0][1])
-
-
-def test_feature_cache_computes_once_and_is_reused(image_paths, tmp_path):
-    encoder = CountingEncoder()
-    with pytest.warns(UserWarning, match=r"skipped 1 unreadable images \(first: .*broken.jpg"):
-        features, ok = cached_features(encoder, "stats", CFG, image_paths, tmp_path / "cache",
-                                       batch_size=4, num_workers=0, progress=False)
-    assert encoder.images == 8
-    assert ok.tolist() == [True] * 4 + [False] + [True] * 4
-    assert features.shape == (9, 6) and features.dtype == np.float16
-    expected = encoder(torch.stack([preprocess(p, CFG) for i, p in enumerate(image_paths) if i != 4]))
-    assert np.allclose(features[ok], expected.numpy(), atol=2e-3)    # fp16 storage
-
-    encoder.calls = 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")                   # a cache hit reads no image at all
-        again, ok_again = cached_features(encoder, "stats", CFG, image_paths, tmp_path / "cache",
-                                          num_workers=0, progress=False)
-    assert encoder.calls == 0
-    assert np.array_equal(again, features) and np.array_equal(ok_again, ok)
-    assert isinstance(again, np.memmap)
-
-
-def test_feature_cache_key_covers_backbone_preprocessing_and_images(image_paths, tmp_path):
-    key = cache_key("stats", CFG, image_paths)
-    assert key == cache_key("stats", PreprocessConfig(image_size=32), list(image_paths))
-    assert key != cache_key("other", CFG, image_paths)
-    assert key != cache_key("stats", PreprocessConfig(image_size=64), image_paths)
-    assert key != cache_key("stats", PreprocessConfig(image_size=32, resize="pad"), image_paths)
-    assert key != cache_key("stats", CFG, image_paths[:-1])
-    assert key != cache_key("stats", CFG, image_paths, variant="augmented")
-
-    encoder = CountingEncoder()
-    good = [p for p in image_paths if not p.endswith("broken.jpg")]
-    small, _ = cached_features(encoder, "stats", CFG, good, tmp_path, num_workers=0, progress=False)
-    big, _ = cached_features(encoder, "stats", PreprocessConfig(image_size=64), good, tmp_path,
-                             num_workers=0, progress=False)
-    assert encoder.images == 16                          # the new preprocessing was computed
-    assert not np.array_equal(small, big)
-    assert len(list(tmp_path.glob("features-*.npy"))) == 2
-
-
-def test_feature_cache_shards_merge_to_the_same_features(image_paths, tmp_path):
-    with pytest.warns(UserWarning, match="skipped 1 unreadable images"):
-        whole, ok = cached_features(CountingEncoder(), "stats", CFG, image_paths, tmp_path / "one",
-                                    num_workers=0, progress=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for rank in range(2):
-            assert cached_features(CountingEncoder(), "stats", CFG, image_paths, tmp_path / "two",
-                                   num_workers=0, shard=(rank, 2), progress=False) == (None, None)
-    merge_feature_shards(tmp_path / "two", cache_key("stats", CFG, image_paths), len(image_paths), 2)
-    encoder = CountingEncoder()
-    merged, merged_ok = cached_features(encoder, "stats", CFG, image_paths, tmp_path / "two",
-                                        num_workers=0, progress=False)
-    assert encoder.calls == 0
-    assert np.array_equal(merged, whole) and np.array_equal(merged_ok, ok)
-    done = json.loads(next((tmp_path / "two").glob("features-*.json")).read_text())
-    assert done["ok"] == ok.tolist()
 
 
 # ---- tokens -----------------------------------------------------------------------------------

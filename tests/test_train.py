@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from captioner import cli, datasets
+from captioner import cli, features
 from captioner.config import DataConfig, ModelConfig, PreprocessConfig, TrainConfig
 from captioner.datasets import load_coco
 from captioner.encoder import build_backbone
@@ -127,7 +127,7 @@ def test_prepare_builds_the_memory_mapped_cache_that_training_reads(tmp_path, ca
 
     def no_encoding(*args, **kwargs):
         raise AssertionError("training encoded images although prepare had cached them")
-    monkeypatch.setattr(datasets, "image_loader", no_encoding)
+    monkeypatch.setattr(features, "image_loader", no_encoding)
     trainer = Trainer(*small_configs(tmp_path, split))
     assert isinstance(trainer.train_features, np.memmap) and trainer.train_features.dtype == np.float16
     assert trainer.train_features.shape == (4, 1280) and trainer.val_usable.tolist() == [True]
