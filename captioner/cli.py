@@ -9,7 +9,7 @@ import traceback
 from dataclasses import fields
 from pathlib import Path
 
-from .config import DataConfig, ModelConfig, TrainConfig
+from .config import DATASETS, DataConfig, ModelConfig, TrainConfig
 
 # Exit statuses, one meaning each (scripts branch on them; see EXIT_STATUSES_HELP and the README).
 EXIT_OK = 0               # all done: every input captioned
@@ -48,24 +48,36 @@ def decode_overrides(args) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
-def add_data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", choices=["flickr8k", "coco"], required=True)
-    parser.add_argument("--data-root", required=True)
-    parser.add_argument("--train-split", help="flickr8k: train; coco: e.g. train2017, or train with --karpathy-json")
-    parser.add_argument("--val-split", help="flickr8k: dev; coco: e.g. val2017, or val with --karpathy-json "
-                                            "(default: hold out part of train)")
-    parser.add_argument("--karpathy-json", help="dataset_coco.json (Karpathy split) for COCO")
+def add_data_args(parser: argparse.ArgumentParser, evaluate: bool = False) -> None:
+    """--dataset and where it is; --split for evaluate, --train-split/--val-split for train and prepare."""
+    group = parser.add_argument_group("data (layouts: data/README.md)")
+    group.add_argument("--dataset", choices=DATASETS, required=True,
+                       help="flickr8k | coco | karpathy (a Karpathy split file: Flickr8k, Flickr30k, COCO) | "
+                            "imagefolder (your photos with metadata.jsonl or metadata.csv)")
+    group.add_argument("--data-root", required=True,
+                       help="the dataset's folder (karpathy: the folder its filepath/filename are under)")
+    group.add_argument("--karpathy-json", help="dataset_X.json: Karpathy's split file (--dataset karpathy or coco)")
+    if evaluate:
+        group.add_argument("--split", default="test", help="the split to score, by the dataset's names (default "
+                                                           "test; flickr8k: train | dev | test; karpathy, "
+                                                           "imagefolder: train | val | test)")
+        return
+    group.add_argument("--train-split", help="default train (coco without --karpathy-json: train2017)")
+    group.add_argument("--val-split", help="default: the dataset's own (flickr8k dev; karpathy, imagefolder, "
+                                           "coco with --karpathy-json: val), or hold out part of train")
 
 
 def data_config(args) -> DataConfig:
-    if args.dataset == "flickr8k":
-        defaults = ("train", "dev")
-    else:
-        defaults = ("train", "val") if args.karpathy_json else ("train2017", None)
+    """The data options as a DataConfig; ValueError for a combination that would be ignored."""
+    if args.karpathy_json and args.dataset not in ("karpathy", "coco"):
+        raise ValueError(f"--karpathy-json is read with --dataset karpathy (or coco), not {args.dataset}: "
+                         "for Karpathy's Flickr8k or Flickr30k file use --dataset karpathy --data-root IMAGES")
+    if args.dataset == "karpathy" and not args.karpathy_json:
+        raise ValueError("--dataset karpathy needs --karpathy-json dataset_X.json")
+    coco_folders = args.dataset == "coco" and not args.karpathy_json
     return DataConfig(dataset=args.dataset, data_root=args.data_root,
-                      train_split=args.train_split or defaults[0],
-                      val_split=args.val_split if args.val_split is not None else defaults[1],
-                      karpathy_json=args.karpathy_json,
+                      train_split=getattr(args, "train_split", None) or ("train2017" if coco_folders else "train"),
+                      val_split=getattr(args, "val_split", None), karpathy_json=args.karpathy_json,
                       min_word_count=getattr(args, "min_word_count", DataConfig.min_word_count))
 
 
@@ -110,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the CNN in eager PyTorch instead of ONNX Runtime (same captions, slower)")
     add_decode_args(p)
 
-    p = sub.add_parser("train", help="train a captioner on Flickr8k or COCO")
+    p = sub.add_parser("train", help="train a captioner on Flickr8k, COCO, a Karpathy split file or your own photos")
     add_data_args(p)
     p.add_argument("--min-word-count", type=int, default=DataConfig.min_word_count)
     p.add_argument("--output", required=True, help="run folder: best/, last.safetensors, metrics, curves")
@@ -147,10 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="coco-caption metrics (BLEU, METEOR, ROUGE-L, CIDEr) on a split")
     p.add_argument("--checkpoint", help="checkpoint file or folder (default: the shipped model)")
-    p.add_argument("--dataset", choices=["flickr8k", "coco"], required=True)
-    p.add_argument("--data-root", required=True)
-    p.add_argument("--split", default="test")
-    p.add_argument("--karpathy-json")
+    add_data_args(p, evaluate=True)
     p.add_argument("--json", help="write scores and captions to this JSON file")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
@@ -206,22 +215,20 @@ def cmd_prepare(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .api import Captioner
-    from .datasets import load_coco, load_flickr8k
+    from .datasets import load_split
     from .evaluate import evaluate_records, format_scores
 
+    records = load_split(data_config(args), args.split)        # first: a wrong split fails fast
     captioner = Captioner.load(args.checkpoint, device=args.device, fast=not args.no_fast)
     cfg = captioner.decode_config(**decode_overrides(args))
-    if args.dataset == "flickr8k":
-        records = load_flickr8k(args.data_root, args.split)
-    else:
-        records = load_coco(args.data_root, args.split, args.karpathy_json)
     scores, captions = evaluate_records(captioner, records, cfg, batch_size=args.batch_size)
     print(f"{args.dataset} {args.split}: {len(captions)} images, {cfg.method}"
           f"{f' (beam {cfg.beam_size})' if cfg.method == 'beam' else ''}")
     print(format_scores(scores))
     print("SPICE: not computed (it downloads Stanford CoreNLP at first use, which fails offline)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"scores": scores, "decode": vars(cfg),
+        Path(args.json).write_text(json.dumps({"dataset": args.dataset, "split": args.split,
+                                               "scores": scores, "decode": vars(cfg),
                                                "captions": captions}, indent=1))
     return 0
 

@@ -184,16 +184,21 @@ class DecodeConfig:
     no_repeat_ngram_size: int = 0    # > 0: never repeat an n-gram of this size ("a horse on a horse")
 
 
+DATASETS = ("flickr8k", "coco", "karpathy", "imagefolder")   # the layouts are in data/README.md
+
+
 @dataclass
 class DataConfig:
-    dataset: str = "flickr8k"        # flickr8k | coco
+    dataset: str = "flickr8k"        # one of DATASETS
     data_root: str = ""
-    train_split: str = "train"
-    val_split: str = "dev"
+    train_split: str = "train"       # the dataset's own split names (COCO without Karpathy: train2017)
+    # None: the dataset's validation split (Flickr8k dev; val of a Karpathy file or an image folder
+    # that has one), else holdout_fraction of train
+    val_split: str | None = None
     karpathy_json: str | None = None
     min_word_count: int = 5
     max_caption_len: int = 30        # tokens kept per caption (without <start>/<end>)
-    holdout_fraction: float = 0.05   # COCO without a val split: this part of train validates
+    holdout_fraction: float = 0.05   # without a validation split: this part of train validates
 
 
 @dataclass

@@ -1,29 +1,34 @@
-"""Caption datasets (Flickr8k, COCO via pycocotools + the Karpathy split) and the token dataset
-the decoder trains on (the feature cache of a frozen CNN is in features.py).
+"""Caption datasets (Flickr8k, COCO via pycocotools, Karpathy's split files, a folder of your own
+photos in Hugging Face's imagefolder layout) and the token dataset the decoder trains on (the
+feature cache of a frozen CNN is in features.py).
 
-Messy data is expected: images that are missing or unreadable and captions that point to no image
-are skipped and counted in ONE warning, never a crash.
+Messy data is expected: images that are missing or unreadable, captions that point to no image,
+rows that cannot be parsed or name a file outside the dataset's folder are skipped and counted in
+ONE warning per split, never a crash.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .config import DATASETS, DataConfig
 from .vocab import Vocabulary
 
 
 @dataclass
 class ImageCaptions:
-    image_id: str            # stable id: the file name for Flickr8k, the COCO image id for COCO
+    image_id: str            # stable id: the COCO image id for COCO, else the file's path in the dataset
     path: str
     captions: list[str]
 
@@ -121,36 +126,271 @@ def load_coco(root: str | os.PathLike, split: str = "train2017",
     return keep_existing(records, f"COCO {split}", skipped)
 
 
+# Karpathy's split names; "train" includes restval, as in Karpathy's code (113,287 COCO images).
 KARPATHY_SPLITS = {"train": {"train", "restval"}, "restval": {"restval"}, "val": {"val"},
                    "test": {"test"}}
 
 
-def load_karpathy(root: Path, split: str, karpathy_json) -> list[ImageCaptions]:
-    if split not in KARPATHY_SPLITS:
-        raise ValueError(f"Karpathy split {split!r}: use train (train + restval), restval, val or test")
-    data = json.loads(Path(karpathy_json).read_text())
-    splits = KARPATHY_SPLITS[split]
+def load_karpathy(root: str | os.PathLike, split: str, karpathy_json: str | os.PathLike
+                  ) -> list[ImageCaptions]:
+    """Karpathy's split files (dataset_flickr8k.json, dataset_flickr30k.json, dataset_coco.json):
+    `images[]` with `filename`, optional `filepath` (both under root), `split` (train | val | test |
+    restval) and `sentences[].raw`. `split` is one of those names ("train" = train + restval;
+    "validation" and "dev" mean val)."""
+    root = Path(root)
+    images = read_karpathy(karpathy_json)
+    name = split if split in KARPATHY_SPLITS else split_name(split)
+    present = karpathy_splits(images)
+    if name not in present:
+        raise ValueError(f"Karpathy split {split!r}: {Path(karpathy_json).name} has "
+                         f"{' | '.join(present) or 'no images in a known split'}")
+    skipped = Counter(dict.fromkeys(("entries without a filename", "images with an unknown split",
+                                     "file names outside the image folder", "empty captions"), 0))
     records = []
-    for image in data["images"]:
-        if image.get("split") in splits:
-            path = karpathy_image_path(root, image)
-            image_id = str(image.get("cocoid", image.get("imgid", image["filename"])))
-            captions = [s.get("raw") or " ".join(s["tokens"]) for s in image.get("sentences", [])]
-            records.append(ImageCaptions(image_id, str(path), captions))
-    return keep_existing(records, f"Karpathy {split}")
+    for image in images:
+        if not isinstance(image, dict) or not isinstance(image.get("filename"), str):
+            skipped["entries without a filename"] += 1
+            continue
+        if image.get("split") not in KARPATHY_SPLITS["train"] | KARPATHY_SPLITS["val"] | KARPATHY_SPLITS["test"]:
+            skipped["images with an unknown split"] += 1
+            continue
+        if image["split"] not in KARPATHY_SPLITS[name]:
+            continue
+        folder = image.get("filepath") or ""
+        relative = inside_folder(f"{folder}/{image['filename']}" if folder else image["filename"])
+        if relative is None:
+            skipped["file names outside the image folder"] += 1
+            continue
+        captions = []
+        for sentence in image.get("sentences") or []:
+            text = sentence_text(sentence)
+            if text:
+                captions.append(text)
+            else:
+                skipped["empty captions"] += 1
+        image_id = str(image["cocoid"]) if "cocoid" in image else relative.as_posix()
+        records.append(ImageCaptions(image_id, str(karpathy_image_path(root, relative, image)), captions))
+    return keep_existing(records, f"Karpathy {name}", skipped)
 
 
-def karpathy_image_path(root: Path, image: dict) -> Path:
+def read_karpathy(karpathy_json: str | os.PathLike) -> list:
+    path = Path(karpathy_json)
+    if not path.is_file():
+        raise FileNotFoundError(f"Karpathy split file {path} not found (see data/README.md)")
+    try:
+        images = json.loads(path.read_text(encoding="utf-8")).get("images")
+    except (ValueError, AttributeError) as exc:
+        raise ValueError(f"{path}: not a Karpathy split file ({exc})") from None
+    if not isinstance(images, list):
+        raise ValueError(f"{path}: not a Karpathy split file (no images list)")
+    return images
+
+
+def karpathy_splits(images: list) -> list[str]:
+    """The split names a Karpathy file's images can be loaded by."""
+    present = {image.get("split") for image in images if isinstance(image, dict)}
+    return [name for name, members in KARPATHY_SPLITS.items() if members & present]
+
+
+def sentence_text(sentence) -> str:
+    if not isinstance(sentence, dict):
+        return ""
+    raw = sentence.get("raw")
+    if isinstance(raw, str) and raw.strip():
+        return raw.strip()
+    tokens = sentence.get("tokens")
+    return " ".join(t for t in tokens if isinstance(t, str)).strip() if isinstance(tokens, list) else ""
+
+
+def karpathy_image_path(root: Path, relative: PurePosixPath, image: dict) -> Path:
     """The split file names COCO 2014 files (val2014/COCO_val2014_<id>.jpg); COCO 2017 has the same
     photos renamed <cocoid:012d>.jpg and regrouped into train2017/ and val2017/, found by cocoid."""
-    path = root / image.get("filepath", "") / image["filename"]
-    if path.is_file() or "cocoid" not in image:
+    path = root / relative
+    if path.is_file() or not isinstance(image.get("cocoid"), int):
         return path
     for folder in ("train2017", "val2017"):
-        candidate = root / folder / f"{int(image['cocoid']):012d}.jpg"
+        candidate = root / folder / f"{image['cocoid']:012d}.jpg"
         if candidate.is_file():
             return candidate
     return path
+
+
+def inside_folder(name: str) -> PurePosixPath | None:
+    """A dataset's file name as a relative path, or None when it would leave the dataset's folder
+    (absolute, a drive, `..`): a metadata row must not point training at ../other or /etc/passwd."""
+    path = PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or PureWindowsPath(name).drive or ".." in path.parts or path.name in ("", "."):
+        return None
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# A folder of your own: Hugging Face's imagefolder layout
+# How people name their splits (the keywords of Hugging Face's imagefolder) -> the names used here.
+SPLIT_NAMES = {"train": "train", "training": "train",
+               "val": "val", "validation": "val", "valid": "val", "dev": "val",
+               "test": "test", "testing": "test", "eval": "test", "evaluation": "test"}
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+CAPTION_COLUMNS = ("text", "caption", "captions")
+
+
+def split_name(name: str) -> str | None:
+    return SPLIT_NAMES.get(str(name).strip().lower())
+
+
+def load_imagefolder(root: str | os.PathLike, split: str = "train") -> list[ImageCaptions]:
+    """Photos with `metadata.jsonl` or `metadata.csv` rows: `file_name` (relative to the metadata's
+    folder) and the caption in `text` or `caption` (an image may have many rows) or `captions` (a
+    list). Splits are subfolders (train/, validation/ or val/ or dev/, test/), each with its own
+    metadata, or a `split` column in one DIR/metadata file, or neither: then all is train."""
+    root = Path(root)
+    splits, skipped = read_imagefolder(root)
+    name = split_name(split)
+    if name not in splits:
+        raise ValueError(f"imagefolder {root}: no split {split!r} (it has: {' | '.join(splits) or 'none'})")
+    return keep_existing(list(splits[name].values()), f"imagefolder {name}", skipped)
+
+
+def imagefolder_splits(root: str | os.PathLike) -> list[str]:
+    return list(read_imagefolder(Path(root))[0])
+
+
+def read_imagefolder(root: Path) -> tuple[dict[str, dict[str, ImageCaptions]], Counter]:
+    """Every split's records (train, val, test order; images in order of first mention, keyed by
+    their path under root) and the counts of rows skipped."""
+    skipped = Counter(dict.fromkeys(("malformed rows", "rows without file_name", "file names outside the folder",
+                                     "rows with an unknown split", "rows without a caption", "empty captions"), 0))
+    splits: dict[str, dict[str, ImageCaptions]] = {name: {} for name in ("train", "val", "test")}
+    for metadata, folder_split in metadata_files(root):
+        folder = metadata.parent
+        for row in metadata_rows(metadata, skipped):
+            relative = inside_folder(str(row.get("file_name") or ""))
+            if not isinstance(row.get("file_name"), str) or not row["file_name"].strip():
+                skipped["rows without file_name"] += 1
+            elif relative is None:
+                skipped["file names outside the folder"] += 1
+            elif (split := folder_split or row_split(row, relative)) is None:
+                skipped["rows with an unknown split"] += 1
+            elif (captions := row_captions(row)) is None:
+                skipped["rows without a caption"] += 1
+            else:
+                key = (folder / relative).relative_to(root).as_posix()
+                record = splits[split].setdefault(key, ImageCaptions(key, str(folder / relative), []))
+                record.captions += [c for c in captions if c]
+                skipped["empty captions"] += sum(1 for c in captions if not c)
+    return {name: records for name, records in splits.items() if records}, skipped
+
+
+def metadata_files(root: Path) -> list[tuple[Path, str | None]]:
+    """(metadata file, the split its folder names or None for root's own file)."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"imagefolder: {root} is not a folder")
+    in_split_folders = [(metadata_file(folder), split_name(folder.name)) for folder in sorted(root.iterdir())
+                        if folder.is_dir() and split_name(folder.name)]
+    in_split_folders = [(file, split) for file, split in in_split_folders if file]
+    top = metadata_file(root)
+    if top and in_split_folders:
+        raise ValueError(f"imagefolder {root}: both {top.name} and {in_split_folders[0][0].relative_to(root)}: "
+                         "use one metadata file with a split column, or one per split folder")
+    if top:
+        return [(top, None)]
+    if not in_split_folders:
+        raise FileNotFoundError(f"imagefolder: no metadata.jsonl or metadata.csv in {root} or in split "
+                                "folders train/, validation/, test/ (see data/README.md)")
+    return in_split_folders
+
+
+def metadata_file(folder: Path) -> Path | None:
+    found = [folder / name for name in METADATA_FILES if (folder / name).is_file()]
+    if len(found) > 1:
+        raise ValueError(f"imagefolder {folder}: both metadata.jsonl and metadata.csv; keep one")
+    return found[0] if found else None
+
+
+def metadata_rows(path: Path, skipped: Counter) -> Iterator[dict]:
+    """The rows of metadata.jsonl (one JSON object a line) or metadata.csv (a header, then one row a
+    line: a caption holding a comma must be quoted). Rows that do not parse are counted in skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    lines = [line.rstrip("\r") for line in lines if line.strip()]
+    if path.suffix == ".jsonl":
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if isinstance(row, dict):
+                yield row
+            else:
+                skipped["malformed rows"] += 1
+        return
+    header = [name.strip() for name in next(csv.reader(lines[:1]), [])]
+    if "file_name" not in header or not set(CAPTION_COLUMNS) & set(header):
+        raise ValueError(f"{path}: needs a file_name column and a caption column (text, caption or "
+                         f"captions); it has {', '.join(header) or 'no header'}")
+    for line in lines[1:]:
+        try:
+            [fields] = csv.reader([line], strict=True)
+        except csv.Error:
+            fields = None
+        if fields is None or len(fields) != len(header):
+            skipped["malformed rows"] += 1
+            continue
+        yield dict(zip(header, fields))
+
+
+def row_split(row: dict, relative: PurePosixPath) -> str | None:
+    """A row of root's metadata file: its split column, else the split folder its file is in, else train."""
+    if "split" in row:
+        return split_name(row["split"])
+    first = relative.parts[0]
+    return split_name(first) if len(relative.parts) > 1 and split_name(first) else "train"
+
+
+def row_captions(row: dict) -> list[str] | None:
+    """The row's captions, stripped ("" for an empty one), or None without a caption column."""
+    column = next((c for c in CAPTION_COLUMNS if c in row), None)
+    if column is None:
+        return None
+    value = row[column]
+    if column == "captions" and isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)                       # a list in a CSV cell
+        except ValueError:
+            return None
+    values = value if isinstance(value, list) else [value]
+    return [v.strip() if isinstance(v, str) else "" for v in values]
+
+
+def load_split(cfg: DataConfig, split: str) -> list[ImageCaptions]:
+    """One split of the dataset cfg describes, by the dataset's own split name."""
+    if cfg.dataset == "flickr8k":
+        return load_flickr8k(cfg.data_root, split)
+    if cfg.dataset == "coco":
+        return load_coco(cfg.data_root, split, cfg.karpathy_json)
+    if cfg.dataset == "karpathy":
+        if not cfg.karpathy_json:
+            raise ValueError("--dataset karpathy needs --karpathy-json (dataset_flickr8k.json, ...)")
+        return load_karpathy(cfg.data_root, split, cfg.karpathy_json)
+    if cfg.dataset == "imagefolder":
+        return load_imagefolder(cfg.data_root, split)
+    raise ValueError(f"unknown dataset {cfg.dataset!r} ({' | '.join(DATASETS)})")
+
+
+def validation_split(cfg: DataConfig) -> str | None:
+    """cfg.val_split, or else the dataset's own validation split (Flickr8k's dev; val of a Karpathy
+    file or an image folder that has one); None: hold out part of train."""
+    if cfg.val_split:
+        return cfg.val_split
+    if cfg.dataset == "flickr8k":
+        return "dev"
+    if cfg.dataset == "imagefolder":
+        return "val" if "val" in imagefolder_splits(cfg.data_root) else None
+    if cfg.karpathy_json:
+        return "val" if "val" in karpathy_splits(read_karpathy(cfg.karpathy_json)) else None
+    return None
 
 
 class quiet_stdout:

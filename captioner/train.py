@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from .api import Captioner
 from .checkpoint import load_module_state, read_checkpoint, save_tensors, state_with_prefix
 from .config import DataConfig, DecodeConfig, ModelConfig, PreprocessConfig, TrainConfig, from_dict, to_dict
-from .datasets import CaptionTokens, ImageCaptions, holdout_split, load_coco, load_flickr8k, pad_tokens
+from .datasets import CaptionTokens, ImageCaptions, holdout_split, load_split, pad_tokens, validation_split
 from .distributed import World, init_world, parse_device, rank_device
 from .encoder import build_backbone
 from .evaluate import caption_records, score_captions
@@ -48,15 +48,12 @@ VALIDATION_DECODE = DecodeConfig(method="greedy", max_len=20)
 # ---------------------------------------------------------------------------------------------
 # Data
 def load_splits(cfg: DataConfig, seed: int) -> tuple[list[ImageCaptions], list[ImageCaptions]]:
-    """Train and validation records; COCO without a validation split holds out part of train."""
-    if cfg.dataset == "flickr8k":
-        return load_flickr8k(cfg.data_root, cfg.train_split), load_flickr8k(cfg.data_root, cfg.val_split)
-    if cfg.dataset == "coco":
-        train = load_coco(cfg.data_root, cfg.train_split, cfg.karpathy_json)
-        if cfg.val_split:
-            return train, load_coco(cfg.data_root, cfg.val_split, cfg.karpathy_json)
-        return holdout_split(train, cfg.holdout_fraction, seed)
-    raise ValueError(f"unknown dataset {cfg.dataset!r} (flickr8k | coco)")
+    """Train and validation records; a dataset without a validation split holds out part of train."""
+    train = load_split(cfg, cfg.train_split)
+    val_split = validation_split(cfg)
+    if val_split:
+        return train, load_split(cfg, val_split)
+    return holdout_split(train, cfg.holdout_fraction, seed)
 
 
 def training_records(data_cfg: DataConfig, cfg: TrainConfig
