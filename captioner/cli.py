@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="feature cache folder (default ~/.cache/captioner/features)")
     p.add_argument("--device", default=TrainConfig.device)
     p.add_argument("--num-workers", type=int, default=TrainConfig.num_workers, help="image-decoding processes")
-    p.add_argument("--seed", type=int, default=TrainConfig.seed, help="as for train: picks the COCO holdout")
+    p.add_argument("--seed", type=int, default=TrainConfig.seed, help="as for train: picks the held-out validation images")
     p.add_argument("--val-images", type=int, default=TrainConfig.val_images, help="as for train")
     p.add_argument("--flip-augment", action="store_true", help="as for train: also the mirrored photos")
 

@@ -115,6 +115,7 @@ def test_evaluate_prints_the_coco_caption_scores(capsys, tmp_path, tiny_checkpoi
     (["--data-root", "{tmp}/nowhere"], "Flickr8k.token.txt not found"),
     (["--split", "holiday"], "unknown Flickr8k split 'holiday'"),
 ])
+@pytest.mark.filterwarnings("ignore:Flickr8k test")       # the data is read first, its messy rows warned of
 def test_evaluate_bad_input_is_one_line(capsys, tmp_path, tiny_checkpoint, flickr8k_tiny, argv, message):
     args = evaluate_args(tiny_checkpoint, flickr8k_tiny) + [a.format(tmp=tmp_path) for a in argv]
     status, out, err = run_main(capsys, *args)

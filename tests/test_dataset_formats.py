@@ -56,7 +56,8 @@ def captions_of(records: list[ImageCaptions]) -> dict[str, list[str]]:
 # ---- imagefolder: split folders -------------------------------------------------------------
 @pytest.fixture
 def split_folders(tmp_path) -> Path:
-    """train/ (JSON Lines, two rows for one image, a captions list), validation/ (CSV), test/."""
+    """train/ (JSON Lines: two rows for one image, a captions list), validation/ (CSV, a list of
+    captions in a cell), test/ (CSV, an extra column)."""
     make_images(tmp_path / "train", "a.jpg", "b.png", "sub/c.jpg")
     make_images(tmp_path / "validation", "d.jpg")
     make_images(tmp_path / "test", "e.jpg", "f.jpg")
@@ -64,7 +65,8 @@ def split_folders(tmp_path) -> Path:
         {"file_name": "a.jpg", "text": "A dog runs ."}, {"file_name": "b.png", "caption": " a cat "},
         {"file_name": "a.jpg", "text": "a brown dog"},
         {"file_name": "sub/c.jpg", "captions": ["one", "two", "three"]}])
-    write_csv(tmp_path / "validation" / "metadata.csv", ["file_name", "text"], [["d.jpg", "a bird, flying"]])
+    write_csv(tmp_path / "validation" / "metadata.csv", ["file_name", "captions"],
+              [["d.jpg", json.dumps(["a bird, flying", "a gull"])]])
     write_csv(tmp_path / "test" / "metadata.csv", ["file_name", "caption", "extra"],
               [["e.jpg", "a tree", "x"], ["f.jpg", "a car", "y"], ["e.jpg", "green tree", "z"]])
     return tmp_path
@@ -78,7 +80,8 @@ def test_split_folders_with_jsonl_and_csv(split_folders):
                                   "train/sub/c.jpg": ["one", "two", "three"]}
     assert [r.path for r in train] == [str(split_folders / "train" / n) for n in ("a.jpg", "b.png", "sub/c.jpg")]
     for name in ("val", "validation", "dev"):                        # the usual spellings of one split
-        assert captions_of(load_imagefolder(split_folders, name)) == {"validation/d.jpg": ["a bird, flying"]}
+        assert captions_of(load_imagefolder(split_folders, name)) == {"validation/d.jpg": ["a bird, flying",
+                                                                                          "a gull"]}
     assert captions_of(load_imagefolder(split_folders, "test")) == {
         "test/e.jpg": ["a tree", "green tree"], "test/f.jpg": ["a car"]}
 
