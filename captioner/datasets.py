@@ -108,7 +108,9 @@ def load_coco(root: str | os.PathLike, split: str = "train2017",
 
     annotation_file = root / "annotations" / f"captions_{split}.json"
     if not annotation_file.is_file():
-        raise FileNotFoundError(f"COCO: {annotation_file} not found (see data/README.md)")
+        present = sorted(f.stem.removeprefix("captions_") for f in root.glob("annotations/captions_*.json"))
+        raise FileNotFoundError(f"COCO: {annotation_file} not found (splits there: "
+                                f"{' | '.join(present) or 'none'}; see data/README.md)")
     with quiet_stdout():
         coco = COCO(str(annotation_file))
     by_image: dict[int, list[str]] = defaultdict(list)
@@ -129,6 +131,7 @@ def load_coco(root: str | os.PathLike, split: str = "train2017",
 # Karpathy's split names; "train" includes restval, as in Karpathy's code (113,287 COCO images).
 KARPATHY_SPLITS = {"train": {"train", "restval"}, "restval": {"restval"}, "val": {"val"},
                    "test": {"test"}}
+KARPATHY_SPLIT_VALUES = set().union(*KARPATHY_SPLITS.values())     # what an entry's "split" may be
 
 
 def load_karpathy(root: str | os.PathLike, split: str, karpathy_json: str | os.PathLike
@@ -151,7 +154,7 @@ def load_karpathy(root: str | os.PathLike, split: str, karpathy_json: str | os.P
         if not isinstance(image, dict) or not isinstance(image.get("filename"), str):
             skipped["entries without a filename"] += 1
             continue
-        if image.get("split") not in KARPATHY_SPLITS["train"] | KARPATHY_SPLITS["val"] | KARPATHY_SPLITS["test"]:
+        if image.get("split") not in KARPATHY_SPLIT_VALUES:
             skipped["images with an unknown split"] += 1
             continue
         if image["split"] not in KARPATHY_SPLITS[name]:

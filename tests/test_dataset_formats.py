@@ -298,12 +298,16 @@ def photo_folder(tmp_path, flickr8k_tiny) -> Path:
 
 @requires_java
 def test_train_evaluate_and_caption_on_an_image_folder(photo_folder, tmp_path, capsys):
-    run_dir = tmp_path / "run"
-    status, out, err = run(capsys, "train", "--dataset", "imagefolder", "--data-root", photo_folder,
-                           "--output", run_dir, "--cache-dir", tmp_path / "cache", "--epochs", 1,
-                           "--batch-size", 4, "--embed-dim", 32, "--hidden-dim", 32, "--min-word-count", 1,
-                           "--warmup-steps", 0, "--num-workers", 0)
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    data = ["--dataset", "imagefolder", "--data-root", photo_folder, "--cache-dir", cache, "--num-workers", 0]
+    status, out, err = run(capsys, "prepare", *data)
     assert status == 0, err
+    assert out.splitlines() == ["train: 4 of 4 images cached", "val: 1 of 1 images cached"]   # 1 held out
+    cached = sorted(cache.iterdir())
+    status, out, err = run(capsys, "train", *data, "--output", run_dir, "--epochs", 1, "--batch-size", 4,
+                           "--embed-dim", 32, "--hidden-dim", 32, "--min-word-count", 1, "--warmup-steps", 0)
+    assert status == 0, err
+    assert sorted(cache.iterdir()) == cached                        # the same records: prepare's cache read
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("val_CIDEr" in m for m in metrics)                   # validated on the held-out photo
 

@@ -86,9 +86,11 @@ def test_coco_with_pycocotools(coco_tiny, capsys):
     assert capsys.readouterr().out == ""          # pycocotools' chatter must not reach stdout
 
 
-def test_coco_missing_annotations(tmp_path):
-    with pytest.raises(FileNotFoundError, match="captions_val2017.json not found"):
+def test_coco_missing_annotations(tmp_path, coco_tiny):
+    with pytest.raises(FileNotFoundError, match=r"captions_val2017.json not found \(splits there: none"):
         load_coco(tmp_path, "val2017")
+    with pytest.raises(FileNotFoundError, match=r"captions_test.json not found \(splits there: train2017;"):
+        load_coco(coco_tiny, "test")
 
 
 @pytest.mark.parametrize("split, ids", [
