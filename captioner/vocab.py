@@ -6,18 +6,33 @@ downloaded nltk data (plain `word_tokenize` wants the punkt model, which is not 
 from __future__ import annotations
 
 import functools
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)
 
+# Most captions are plain words, single commas and at most a final period. On those the Treebank
+# rules only set the commas and the final period apart (both then dropped as punctuation), except
+# for the few words it splits without an apostrophe ("cannot" -> "can not"), so splitting on
+# spaces, commas and the period gives the same tokens ~10x faster (checked against nltk in
+# tests/test_vocab.py). It matters at COCO scale: 566k captions, tokenized for the vocabulary and
+# again for the ids. (",," is left to nltk: its comma rule leaves the second comma on the word.)
+PLAIN_CAPTION = re.compile(r"(?!.*,,)[a-z ,]*[a-z][a-z ,]*\.?[ \t\r\n]*")
+SPLIT_BY_TREEBANK = frozenset({"cannot", "gimme", "gonna", "gotta", "lemme", "wanna"})
+
 
 def tokenize(text: str) -> list[str]:
     """Lower-cased word tokens; punctuation-only tokens are dropped (captions end in ' .')."""
+    text = text.lower()
+    if PLAIN_CAPTION.fullmatch(text):
+        words = text.replace(",", " ").replace(".", " ").split()
+        if SPLIT_BY_TREEBANK.isdisjoint(words):
+            return words
     from nltk.tokenize import word_tokenize   # here, not at the top: importing nltk takes ~1.5 s
 
-    tokens = word_tokenize(text.lower(), preserve_line=True)
+    tokens = word_tokenize(text, preserve_line=True)
     return [t for t in tokens if any(ch.isalnum() for ch in t)]
 
 

@@ -99,3 +99,30 @@ def test_captions_are_plain_english():
     assert detokenize(["the", "dog", "does", "n't", "swim"]) == "the dog doesn't swim"
     assert detokenize(tokenize("Two dogs' toys, a girl's hat.")) == "two dogs toys a girl's hat"
     assert detokenize([]) == ""
+
+
+def nltk_tokens(text: str) -> list[str]:
+    from nltk.tokenize import word_tokenize
+    return [t for t in word_tokenize(text.lower(), preserve_line=True) if any(ch.isalnum() for ch in t)]
+
+
+def test_plain_caption_shortcut_gives_the_treebank_tokens():
+    """tokenize() skips nltk for plain captions (letters, spaces, commas, a final period): the
+    tokens must be nltk's, on the fixture captions and on random strings of exactly the
+    characters the shortcut takes, with the words the Treebank rules split ("cannot")."""
+    import random
+    from pathlib import Path
+
+    from captioner.vocab import PLAIN_CAPTION
+
+    fixtures = Path(__file__).with_name("fixtures")
+    texts = [line.split("\t", 1)[1] for line in
+             (fixtures / "flickr8k_tiny" / "Flickr8k.token.txt").read_text(encoding="utf-8").splitlines()
+             if "\t" in line]
+    rng = random.Random(0)
+    pieces = ["a", "b", "n", "ot", " ", " ", ",", ",", ".", " .", "\t", "cannot", "gonna", "wanna",
+              "gimme", "lemme", "gotta", "A", "é", "'s", "-"]
+    texts += ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 10))) for _ in range(3000)]
+    plain = [t for t in texts if PLAIN_CAPTION.fullmatch(t.lower())]
+    assert len(plain) > 500                        # the shortcut is really taken, often
+    assert [tokenize(t) for t in texts] == [nltk_tokens(t) for t in texts]
