@@ -13,6 +13,7 @@ import json
 import os
 import random
 import warnings
+from array import array
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -423,23 +424,32 @@ def holdout_split(records: list[ImageCaptions], fraction: float, seed: int = 0
 # ---------------------------------------------------------------------------------------------
 # Token dataset for the decoder
 class CaptionTokens(Dataset):
-    """(feature row, caption token ids) pairs: one item per caption of every readable image."""
+    """(feature row, caption token ids) pairs: one item per caption of every readable image.
+
+    Held in three flat arrays (every caption's ids end to end, where each starts, its image's row)
+    rather than a Python list per caption, which costs ~220 bytes a caption in every process:
+    ~125 MB per rank for COCO's 566k captions, against ~35 MB as arrays."""
 
     def __init__(self, records: list[ImageCaptions], vocab: Vocabulary, max_len: int,
                  usable: np.ndarray | None = None):
-        self.items: list[tuple[int, list[int]]] = []
+        ids, starts, rows = array("i"), array("q", [0]), array("i")
         for row, record in enumerate(records):
             if usable is not None and not usable[row]:
                 continue
             for caption in record.captions:
-                self.items.append((row, vocab.encode(caption, max_len)))
+                ids.extend(vocab.encode(caption, max_len))
+                starts.append(len(ids))
+                rows.append(row)
+        self.ids = np.frombuffer(ids, np.int32)            # (total ids,)
+        self.starts = np.frombuffer(starts, np.int64)      # (captions + 1,): caption i is ids[starts[i]:starts[i + 1]]
+        self.rows = np.frombuffer(rows, np.int32)          # (captions,)
         self.pad_id = vocab.pad_id
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.rows)
 
     def __getitem__(self, i: int) -> tuple[int, list[int]]:
-        return self.items[i]
+        return int(self.rows[i]), self.ids[self.starts[i]:self.starts[i + 1]].tolist()
 
 
 def pad_tokens(sequences: list[list[int]], pad_id: int) -> torch.Tensor:

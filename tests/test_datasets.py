@@ -135,10 +135,10 @@ def test_caption_tokens_skip_unusable_images(flickr8k_tiny):
     vocab = Vocabulary.build([c for r in records for c in r.captions], min_count=1)
     usable = np.array([True, False, True, True])
     tokens = CaptionTokens(records, vocab, max_len=6, usable=usable)
-    assert len(tokens) == 15 and {row for row, _ in tokens.items} == {0, 2, 3}
+    assert len(tokens) == 15 and {row for row, _ in tokens} == {0, 2, 3}
     row, ids = tokens[0]
     assert row == 0 and ids == vocab.encode(records[0].captions[0], 6)
-    assert all(len(ids) <= 8 and ids[0] == vocab.bos_id and ids[-1] == vocab.eos_id for _, ids in tokens.items)
+    assert all(len(ids) <= 8 and ids[0] == vocab.bos_id and ids[-1] == vocab.eos_id for _, ids in tokens)
     assert len(CaptionTokens(records, vocab, max_len=6)) == 20
 
 
