@@ -28,6 +28,9 @@ EXIT_STATUSES_HELP = f"""exit status:
   {EXIT_BROKEN_PIPE}  stdout closed early (e.g. `captioner caption photos/ | head -1`); quietly"""
 
 
+MODEL_SIZE_OPTIONS = ("embed_dim", "hidden_dim", "num_layers", "dropout")
+
+
 def add_decode_args(parser: argparse.ArgumentParser, default_method: str | None = None) -> None:
     group = parser.add_argument_group("decoding (defaults: the checkpoint's)")
     group.add_argument("--method", choices=["greedy", "sample", "beam"], default=default_method)
@@ -126,15 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(p)
     p.add_argument("--min-word-count", type=int, default=DataConfig.min_word_count)
     p.add_argument("--output", required=True, help="run folder: best/, last.safetensors, metrics, curves")
-    p.add_argument("--backbone", default=ModelConfig.backbone)
-    for f in fields(ModelConfig):
-        if f.name in ("embed_dim", "hidden_dim", "num_layers", "dropout"):
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    p.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="start from this trained model (file or run folder, e.g. checkpoints/model.safetensors): "
+                        "its weights, model options and preprocessing; its vocabulary extended with the "
+                        "data's words seen --min-word-count times")
+    # Model options default to None, so that --init-from can tell which were asked for.
+    p.add_argument("--backbone", help=f"default {ModelConfig.backbone}")
+    for name in MODEL_SIZE_OPTIONS:
+        default = getattr(ModelConfig, name)
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(default), help=f"default {default}")
     p.add_argument("--no-feature-norm", action="store_true")
     p.add_argument("--tie-embeddings", action="store_true",
                    help="the readout layer shares the word embedding (needs --embed-dim == --hidden-dim)")
     for f in fields(TrainConfig):
-        if f.name in ("output", "fine_tune_cnn", "resume", "amp", "cache_dir", "flip_augment"):
+        if f.name in ("output", "fine_tune_cnn", "resume", "amp", "cache_dir", "flip_augment", "init_from"):
             continue
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     p.add_argument("--cache-dir", help="feature cache folder (default ~/.cache/captioner/features)")
@@ -185,12 +193,26 @@ def cmd_caption(args) -> int:
     return caption_inputs(args)
 
 
+def requested_model_options(args) -> dict:
+    """The model options given on the command line (not their defaults)."""
+    requested = {name: getattr(args, name) for name in ("backbone",) + MODEL_SIZE_OPTIONS
+                 if getattr(args, name) is not None}
+    if args.no_feature_norm:
+        requested["feature_norm"] = False
+    if args.tie_embeddings:
+        requested["tie_embeddings"] = True
+    return requested
+
+
 def cmd_train(args) -> int:
     from .train import fit
 
-    model_cfg = ModelConfig(backbone=args.backbone, embed_dim=args.embed_dim, hidden_dim=args.hidden_dim,
-                            num_layers=args.num_layers, dropout=args.dropout,
-                            feature_norm=not args.no_feature_norm, tie_embeddings=args.tie_embeddings)
+    if args.init_from:
+        from .init_from import model_config_from, read_initial_checkpoint
+        model_cfg = model_config_from(read_initial_checkpoint(args.init_from, tensors=False),
+                                      requested_model_options(args))
+    else:
+        model_cfg = ModelConfig(**requested_model_options(args))
     data_cfg = data_config(args)
     train_values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
                     if f.name != "amp" and hasattr(args, f.name)}

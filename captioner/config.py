@@ -234,3 +234,6 @@ class TrainConfig:
     # Train on the features of horizontally flipped photos half of the time (a second feature cache).
     flip_augment: bool = False
     resume: bool = False
+    # A checkpoint to start from (file or run folder): its weights, config, preprocessing and
+    # vocabulary, extended with the new data's words (see init_from.py).
+    init_from: str | None = None

@@ -30,13 +30,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .api import Captioner
-from .checkpoint import load_module_state, read_checkpoint, save_tensors, state_with_prefix
+from .checkpoint import fingerprint, load_module_state, read_checkpoint, save_tensors, state_with_prefix
 from .config import DataConfig, DecodeConfig, ModelConfig, PreprocessConfig, TrainConfig, from_dict, to_dict
 from .datasets import CaptionTokens, ImageCaptions, holdout_split, load_split, pad_tokens, validation_split
 from .distributed import World, init_world, parse_device, rank_device
 from .encoder import build_backbone
 from .evaluate import caption_records, score_captions
 from .features import default_cache_dir, feature_cache
+from .init_from import check_architecture, extended_decoder_state, model_config_from, read_initial_checkpoint
 from .model import CaptionDecoder, caption_loss
 from .preprocess import open_image, resize, to_tensor
 from .vocab import Vocabulary
@@ -200,18 +201,33 @@ class Trainer:
         self.world = world or init_world(device)
         self.device = rank_device(device, self.world)
         self.train_records, self.val_records = training_records(data_cfg, cfg)
+        start = read_initial_checkpoint(cfg.init_from) if cfg.init_from else None
         resume = self.read_last()
         if resume:
             vocab = Vocabulary(resume[1]["vocab"])
             model_cfg = from_dict(ModelConfig, resume[1]["model"])
+        elif start:
+            check_architecture(model_cfg, start)
+            model_cfg = model_config_from(start, {"dropout": model_cfg.dropout})
+            vocab = start.vocab.extended((c for r in self.train_records for c in r.captions),
+                                         data_cfg.min_word_count)
         else:
             vocab = Vocabulary.build((c for r in self.train_records for c in r.captions),
                                      data_cfg.min_word_count)
         # The same initial weights in every process, and the same as a one-process run.
         torch.manual_seed(cfg.seed)
-        self.captioner = Captioner.create(model_cfg, vocab, pretrained=True)
-        self.captioner.encoder.requires_grad_(cfg.fine_tune_cnn)
+        self.captioner = Captioner.create(model_cfg, vocab, pretrained=start is None,
+                                          preprocess_cfg=start.preprocess if start else None)
         self.captioner.info = {"dataset": data_cfg.dataset, "train": to_dict(cfg), "data": to_dict(data_cfg)}
+        if start:
+            # The checkpoint's CNN (a resumed run's own, when it fine-tunes, comes in load_last).
+            load_module_state(self.captioner.encoder, start.tensors, "encoder.", str(start.path))
+            if not resume:
+                self.captioner.decoders[0].load_state_dict(extended_decoder_state(start, vocab))
+            self.captioner.decode_cfg = start.decode
+            self.captioner.info["started_from"] = {"sha256": fingerprint(start.path), "vocab_size": len(start.vocab),
+                                                   "dataset": start.info.get("dataset")}
+        self.captioner.encoder.requires_grad_(cfg.fine_tune_cnn)
         self.captioner.to(self.device)
         self.vocab, self.model_cfg = vocab, self.captioner.model_cfg
         self.decoder = self.captioner.decoders[0]

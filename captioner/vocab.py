@@ -63,9 +63,14 @@ class Vocabulary:
     @classmethod
     def build(cls, captions: Iterable[str], min_count: int = 5) -> "Vocabulary":
         """Keep words seen at least `min_count` times, most frequent first (ties alphabetical)."""
+        return cls(list(SPECIAL_TOKENS)).extended(captions, min_count)
+
+    def extended(self, captions: Iterable[str], min_count: int = 5) -> "Vocabulary":
+        """This vocabulary, every word keeping its id, followed by the captions' words seen at
+        least `min_count` times that it lacks (most frequent first, ties alphabetical)."""
         counts = Counter(tok for caption in captions for tok in tokenize(caption))
         kept = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
-        return cls(list(SPECIAL_TOKENS) + [w for w in kept if w not in SPECIAL_TOKENS])
+        return Vocabulary(self.itos + [w for w in kept if w not in self.stoi])
 
     def __len__(self) -> int:
         return len(self.itos)

@@ -126,3 +126,11 @@ def test_plain_caption_shortcut_gives_the_treebank_tokens():
     plain = [t for t in texts if PLAIN_CAPTION.fullmatch(t.lower())]
     assert len(plain) > 500                        # the shortcut is really taken, often
     assert [tokenize(t) for t in texts] == [nltk_tokens(t) for t in texts]
+
+
+def test_extended_keeps_every_id_and_appends_the_new_frequent_words():
+    old = Vocabulary.build(["a dog runs", "a dog sits"], min_count=1)
+    new = old.extended(["a giraffe eats", "a giraffe runs", "one zebra"], min_count=2)
+    assert new.itos == old.itos + ["giraffe"]
+    assert old.extended([], min_count=1).itos == old.itos
+    assert Vocabulary.build(["b a", "a"], min_count=1).itos[4:] == ["a", "b"]

@@ -32,7 +32,7 @@ def karpathy_split(folder: Path) -> Path:
 def train_args(split_json: Path, output: Path, cache_dir: Path, **options) -> list[str]:
     """`captioner train` arguments: a 32-wide decoder, 2 epochs of 5 steps, a resumable checkpoint
     every 3 steps (at steps 3, 5 = end of epoch 1, 6, 9, 10). Options use dashes in names,
-    `name=True` for flags."""
+    `name=True` for flags, `name=None` to leave a default option out."""
     values = {"dataset": "coco", "data-root": COCO_TINY, "karpathy-json": split_json,
               "output": output, "cache-dir": cache_dir, "epochs": 2, "batch-size": 4,
               "embed-dim": 32, "hidden-dim": 32, "dropout": 0.0, "min-word-count": 1, "lr": 0.01,
@@ -40,7 +40,8 @@ def train_args(split_json: Path, output: Path, cache_dir: Path, **options) -> li
     values.update({k.replace("_", "-"): v for k, v in options.items()})
     args = ["train"]
     for name, value in values.items():
-        args += [f"--{name}"] if value is True else [f"--{name}", str(value)]
+        if value is not None:
+            args += [f"--{name}"] if value is True else [f"--{name}", str(value)]
     return args
 
 
