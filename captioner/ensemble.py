@@ -14,6 +14,14 @@ from .model import CaptionDecoder
 INFERENCE_NEUTRAL = {"tie_embeddings": False}
 
 
+def same_encoder(a: dict, b: dict) -> bool:
+    """Equal encoder weights, compared at fp16 precision: shipped checkpoints store fp16, so a member
+    read from one (e.g. an earlier release) holds the fp16 rounding of the same pretrained CNN that
+    a freshly trained member holds in fp32. The ensemble keeps the first member's copy."""
+    return a.keys() == b.keys() and all(
+        a[k].half().equal(b[k].half()) if a[k].is_floating_point() else a[k].equal(b[k]) for k in a)
+
+
 def ensemble_of(members: Sequence[Captioner], names: Sequence[str], info: dict | None = None) -> Captioner:
     """One Captioner whose decoders are all the members' (their word probabilities averaged).
     Members must share encoder weights, preprocessing, vocabulary and decoder sizes; a tied
@@ -27,8 +35,7 @@ def ensemble_of(members: Sequence[Captioner], names: Sequence[str], info: dict |
         if (dataclasses.replace(member.model_cfg, **INFERENCE_NEUTRAL) != model_cfg
                 or member.preprocess_cfg != first.preprocess_cfg):
             raise CheckpointError(f"{name}: model or preprocessing config differs from {names[0]}")
-        first_encoder = first.encoder.state_dict()
-        if any(not v.equal(first_encoder[k]) for k, v in member.encoder.state_dict().items()):
+        if not same_encoder(first.encoder.state_dict(), member.encoder.state_dict()):
             raise CheckpointError(f"{name}: encoder weights differ from {names[0]}")
         for decoder in member.decoders:
             untied = CaptionDecoder(model_cfg, pad_id=first.vocab.pad_id)

@@ -179,6 +179,22 @@ def test_combine_stores_a_tied_member_untied_with_the_same_captions(tmp_path, ti
         [c.text for c in both.eval().caption(images, method="greedy")]
 
 
+def test_an_fp16_member_combines_with_fp32_members_of_the_same_cnn(tmp_path, tiny_captioner, flickr8k_tiny):
+    """A released (fp16) checkpoint joins an ensemble of freshly trained (fp32) decoders on the same
+    CNN; a CNN that differs beyond fp16 rounding is still refused."""
+    from captioner.checkpoint import CheckpointError
+    from captioner.ensemble import ensemble_of
+
+    images = sorted(str(p) for p in (flickr8k_tiny / "Images").glob("*.jpg"))[:3]
+    released = Captioner.load(tiny_captioner.save(tmp_path / "released.safetensors", half=True), fast=False)
+    both = ensemble_of([tiny_captioner, released], ["fresh", "released"])
+    assert len(both.decoders) == 2 and all(c.text for c in both.caption(images, method="greedy"))
+    with torch.no_grad():
+        next(p for p in released.encoder.parameters() if p.numel() > 1).mul_(1.01)
+    with pytest.raises(CheckpointError, match="encoder weights differ"):
+        ensemble_of([tiny_captioner, released], ["fresh", "changed"])
+
+
 def test_combine_refuses_different_vocabularies(capsys, tmp_path, tiny_checkpoint):
     other = other_checkpoint(tiny_checkpoint, tmp_path / "other.safetensors", vocab_extra=("zebra",))
     status, out, err = run_main(capsys, "combine", tiny_checkpoint, other, "-o", tmp_path / "x.safetensors")
