@@ -7,7 +7,8 @@
 #    two variants that each change one lever (scheduled sampling, label smoothing); each keeps its
 #    best dev CIDEr epoch. (Tied embedding/readout, --tie-embeddings, is a fourth lever the code
 #    supports; it is left out to keep the recipe within two hours on 2 cores.);
-# 3. scripts/select_members.py chooses the ensemble (forward selection) and the decoding settings
+# 3. scripts/select_members.py chooses the ensemble (forward selection among those three and the
+#    round-one decoder, read from git history) and the decoding settings
 #    (length penalty, n-gram blocking) on the dev split only, and writes the fp16 checkpoint;
 # 4. dev and test scores recorded in its header.
 # Rerun after a crash: every step resumes (training from its last checkpoint, finished steps skip).
@@ -48,8 +49,17 @@ for pid in "${pids[@]}"; do
   wait "$pid" || { echo "a decoder's training failed: see $OUT/*.log" >&2; exit 1; }
 done
 
+# A fourth candidate: the round-one decoder (12 epochs, no flips: round one's recipe, 67 minutes,
+# `git show 9ae6669:data/train_flickr8k.sh`), read from this repository's history rather than
+# trained again.
+ROUND_ONE=a81ad11
+if [[ ! -f "$OUT/round1.safetensors" ]]; then
+  git show "$ROUND_ONE:checkpoints/model.safetensors" > "$OUT/round1.safetensors.tmp" \
+    || { echo "the round-one model comes from git history: run the recipe in a clone of the repository" >&2; exit 1; }
+  mv "$OUT/round1.safetensors.tmp" "$OUT/round1.safetensors"
+fi
 $PY scripts/select_members.py --data-root "$FLICKR8K" --cache-dir "$CACHE" --output "$TARGET" \
-  --report "$OUT/selection.json" $(for name in "${members[@]}"; do echo "$OUT/$name/best"; done)
+  --report "$OUT/selection.json" "$OUT/round1.safetensors" $(for name in "${members[@]}"; do echo "$OUT/$name/best"; done)
 echo "recipe wall time (cache + training + selection): $(( $(date +%s) - start )) s" | tee "$OUT/wall_time.txt"
 for split in dev test; do
   $PY -m captioner evaluate --checkpoint "$TARGET" --dataset flickr8k --data-root "$FLICKR8K" \
