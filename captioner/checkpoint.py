@@ -45,7 +45,7 @@ MAX_ABS_VALUE = 1e6                   # the shipped model's largest is 566 (a Ba
 # What a header holds; a training state (train.py's last.safetensors) adds the trainer's entries.
 REQUIRED_ENTRIES = ("model", "preprocess", "vocab")
 OPTIONAL_ENTRIES = ("decode", "num_decoders", "info")
-TRAINING_ENTRIES = ("trainer", "optimizer", "scaler")
+TRAINING_ENTRIES = ("trainer", "optimizer", "scaler", "scheduler")
 # Config fields every checkpoint has had since the format began: without them the model cannot be
 # rebuilt as trained (a missing `mean` would silently normalise photos another way). Fields added
 # later are optional, their defaults being the behaviour from before they existed.
@@ -265,8 +265,9 @@ def check_training_entries(meta: dict[str, Any]) -> None:
                     for k, v in optimizer["scalars"].items())):
         raise ValueError("optimizer must hold param_groups (a list of objects) and scalars "
                          "(index.name -> number)")
-    if not isinstance(meta.get("scaler", {}), dict):
-        raise ValueError("scaler must be a JSON object")
+    for key in ("scaler", "scheduler"):
+        if not isinstance(meta.get(key, {}), dict):
+            raise ValueError(f"{key} must be a JSON object")
 
 
 class ShapesOnly(TorchFunctionMode):

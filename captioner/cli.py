@@ -9,7 +9,7 @@ import traceback
 from dataclasses import fields
 from pathlib import Path
 
-from .config import DATASETS, DataConfig, ModelConfig, TrainConfig
+from .config import DATASETS, LR_SCHEDULES, DataConfig, ModelConfig, TrainConfig
 
 # Exit statuses, one meaning each (scripts branch on them; see EXIT_STATUSES_HELP and the README).
 EXIT_OK = 0               # all done: every input captioned
@@ -144,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(TrainConfig):
         if f.name in ("output", "fine_tune_cnn", "resume", "amp", "cache_dir", "flip_augment", "init_from"):
             continue
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                       choices=LR_SCHEDULES if f.name == "lr_schedule" else None,
+                       help="0: never stop early" if f.name == "patience" else None)
     p.add_argument("--cache-dir", help="feature cache folder (default ~/.cache/captioner/features)")
     p.add_argument("--fine-tune-cnn", action="store_true", help="train the CNN too, with augmentation")
     p.add_argument("--flip-augment", action="store_true",
@@ -238,8 +240,9 @@ def cmd_prepare(args) -> int:
 def cmd_evaluate(args) -> int:
     from .api import Captioner
     from .datasets import load_split
-    from .evaluate import evaluate_records, format_scores
+    from .evaluate import evaluate_records, format_scores, require_java
 
+    require_java()
     records = load_split(data_config(args), args.split)        # first: a wrong split fails fast
     captioner = Captioner.load(args.checkpoint, device=args.device, fast=not args.no_fast)
     cfg = captioner.decode_config(**decode_overrides(args))

@@ -61,6 +61,8 @@ def each(count: int, rule: Rule) -> Rule:
                 f"{count} values, each {rule.need}")
 
 
+LR_SCHEDULES = ("cosine", "step", "constant")
+
 # Ranges of the fields a checkpoint carries (its header is untrusted input) and that decoding
 # options set. Upper bounds are sanity limits far above any real model, so a hostile header can
 # never make us allocate gigabytes or decode forever. A field missing here gets its type checked
@@ -88,6 +90,8 @@ FIELD_RULES: dict[str, Rule] = {
     "DecodeConfig.seed": between(0, 2**32 - 1),
     "DecodeConfig.n_best": between(1, 64),
     "DecodeConfig.no_repeat_ngram_size": between(0, 200),
+    "TrainConfig.lr_schedule": one_of(*LR_SCHEDULES),
+    "TrainConfig.patience": between(0, 10**6),
 }
 
 
@@ -209,11 +213,11 @@ class TrainConfig:
     lr: float = 4e-4
     weight_decay: float = 0.0
     grad_clip: float = 5.0
-    lr_schedule: str = "cosine"      # cosine | step | constant
+    lr_schedule: str = "cosine"      # cosine | step | constant (after warmup_steps of linear warm-up)
     lr_step_epochs: int = 3
     lr_step_gamma: float = 0.8
     warmup_steps: int = 200
-    patience: int = 4                # epochs without dev CIDEr improvement before stopping
+    patience: int = 4                # stop after this many epochs without a better dev CIDEr; 0: never
     seed: int = 0
     device: str = "cpu"
     amp: bool = True                 # mixed precision (CUDA only)

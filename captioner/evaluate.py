@@ -7,7 +7,9 @@ METEOR and the PTB tokenizer run Java (`java` must be on PATH).
 from __future__ import annotations
 
 import atexit
+import functools
 import shutil
+import subprocess
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -17,11 +19,27 @@ from .datasets import ImageCaptions
 METRIC_NAMES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
 
-def require_java() -> None:
+JAVA_HELP = "install a JRE (Debian: apt-get install default-jre-headless)"
+
+
+@functools.lru_cache(maxsize=1)
+def java_problem() -> str | None:
+    """Why `java` cannot run (None: it can). Asked once per process: ~0.1-1 s."""
     if shutil.which("java") is None:
+        return "no java on PATH"
+    try:
+        result = subprocess.run(["java", "-version"], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"java -version failed ({exc})"
+    return None if result.returncode == 0 else f"java -version exited with status {result.returncode}"
+
+
+def require_java() -> None:
+    """Entry points that will score (evaluate, training's validation) call it first."""
+    problem = java_problem()
+    if problem:
         # FileNotFoundError, as subprocess would raise: entry points report it in one line.
-        raise FileNotFoundError("METEOR and the PTB tokenizer need Java: install a JRE "
-                                "(Debian: apt-get install default-jre-headless)")
+        raise FileNotFoundError(f"METEOR and the PTB tokenizer need Java ({problem}): {JAVA_HELP}")
 
 
 def score_captions(references: Mapping[str, Sequence[str]], candidates: Mapping[str, str],

@@ -27,15 +27,17 @@ import torch.distributed as dist
 from PIL import Image
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, SequentialLR
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .api import Captioner
 from .checkpoint import fingerprint, load_module_state, read_checkpoint, save_tensors, state_with_prefix
-from .config import DataConfig, DecodeConfig, ModelConfig, PreprocessConfig, TrainConfig, from_dict, to_dict
+from .config import (DataConfig, DecodeConfig, ModelConfig, PreprocessConfig, TrainConfig, check_config,
+                     from_dict, to_dict)
 from .datasets import CaptionTokens, ImageCaptions, holdout_split, load_split, pad_tokens, validation_split
 from .distributed import World, init_world, parse_device, rank_device
 from .encoder import build_backbone
-from .evaluate import caption_records, score_captions
+from .evaluate import caption_records, require_java, score_captions
 from .features import default_cache_dir, feature_cache
 from .init_from import check_architecture, extended_decoder_state, model_config_from, read_initial_checkpoint
 from .model import CaptionDecoder, caption_loss
@@ -159,17 +161,57 @@ def image_batch(batch, pad_id: int):
 
 # ---------------------------------------------------------------------------------------------
 # Schedule and model wrapping
-def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """Multiplier of the base learning rate at a global step: linear warm-up, then the schedule."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+def lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> LRScheduler:
+    """The learning rate of every step, as PyTorch schedulers stepped once per optimiser step:
+    linear warm-up over `warmup_steps`, then cosine (to 5 % at the last step), step (times
+    lr_step_gamma every lr_step_epochs epochs) or constant."""
+    warmup = cfg.warmup_steps
     if cfg.lr_schedule == "cosine":
-        total = max(1, cfg.epochs * steps_per_epoch - cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / total)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-    if cfg.lr_schedule == "step":
-        return cfg.lr_step_gamma ** ((step // max(1, steps_per_epoch)) // cfg.lr_step_epochs)
+        total = max(1, cfg.epochs * steps_per_epoch - warmup)
+        schedule = partial(cosine_factor, total=total)
+    elif cfg.lr_schedule == "step":
+        # Counted from the first step of the run, warm-up included (the epochs are the data's).
+        schedule = partial(step_factor, offset=warmup, steps_per_epoch=max(1, steps_per_epoch),
+                           every=cfg.lr_step_epochs, gamma=cfg.lr_step_gamma)
+    else:
+        schedule = constant_factor
+    main = LambdaLR(optimizer, schedule)
+    if not warmup:
+        return main
+    return SequentialLR(optimizer, [LambdaLR(optimizer, partial(warmup_factor, steps=warmup)), main],
+                        milestones=[warmup])
+
+
+def warmup_factor(step: int, steps: int) -> float:
+    return (step + 1) / steps
+
+
+def cosine_factor(step: int, total: int) -> float:
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
+
+
+def step_factor(step: int, offset: int, steps_per_epoch: int, every: int, gamma: float) -> float:
+    return gamma ** (((step + offset) // steps_per_epoch) // every)
+
+
+def constant_factor(step: int) -> float:
     return 1.0
+
+
+def same_layout(saved, expected) -> bool:
+    """saved (JSON from a training state) has expected's keys, list lengths and value types: a
+    scheduler's state_dict is loaded into its __dict__, so nothing else may come in."""
+    if isinstance(expected, dict):
+        return isinstance(saved, dict) and saved.keys() == expected.keys() and all(
+            same_layout(saved[k], v) for k, v in expected.items())
+    if isinstance(expected, (list, tuple)):
+        return isinstance(saved, list) and len(saved) == len(expected) and all(
+            same_layout(a, b) for a, b in zip(saved, expected))
+    if isinstance(expected, bool) or expected is None:
+        return type(saved) is type(expected)
+    if isinstance(expected, (int, float)):
+        return type(saved) in (int, float) and math.isfinite(saved)
+    return False
 
 
 class EndToEnd(nn.Module):
@@ -195,6 +237,7 @@ class EndToEnd(nn.Module):
 class Trainer:
     def __init__(self, model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig,
                  world: World | None = None):
+        cfg = check_config(cfg)          # types and ranges (a misspelled --lr-schedule, say)
         self.cfg, self.data_cfg = cfg, data_cfg
         self.out = Path(cfg.output)
         device = parse_device(cfg.device)
@@ -261,6 +304,9 @@ class Trainer:
             self.mirrored_features, mirrored_usable = features(self.train_records, flipped=True)
             usable = usable & mirrored_usable
         self.val_features, self.val_usable = features(self.val_records)
+        if not self.val_usable.any():
+            raise ValueError(f"no readable validation image (of {len(self.val_records)}): the best "
+                             "checkpoint and early stopping are chosen on validation CIDEr")
         self.tokens = CaptionTokens(self.train_records, self.vocab, self.data_cfg.max_caption_len, usable)
         if len(self.tokens) == 0:
             raise ValueError("no training captions with a readable image")
@@ -312,20 +358,15 @@ class Trainer:
             groups.append({"params": list(self.captioner.encoder.parameters()), "lr": cfg.cnn_lr, "name": "cnn"})
         self.optimizer = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
         self.params = [p for g in groups for p in g["params"]]
-        self.base_lrs = [g["lr"] for g in groups]
+        # The CNN's group gets no gradients before fine-tuning starts, so Adam leaves it alone.
+        self.scheduler = lr_scheduler(self.optimizer, cfg, self.steps_per_epoch)
         self.use_amp = cfg.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
-
-    def set_lr(self) -> None:
-        factor = lr_factor(self.cfg, self.state["global_step"], self.steps_per_epoch)
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * factor if (group["name"] == "decoder" or self.uses_images) else 0.0
 
     def train_step(self, inputs: torch.Tensor, tokens: torch.Tensor) -> float:
         """One optimiser step on this rank's share of the global batch; returns the mean loss
         per word over the whole global batch."""
         cfg, pad_id = self.cfg, self.vocab.pad_id
-        self.set_lr()
         self.model.train()
         inputs = inputs.to(self.device, non_blocking=True)     # features (B, D) or images (B, 3, S, S)
         tokens = tokens.to(self.device, non_blocking=True)     # (B, T)
@@ -348,6 +389,7 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.scheduler.step()
         return float(totals[0] / totals[1])
 
     def sampling_probability(self) -> float:
@@ -451,7 +493,8 @@ class Trainer:
         for rank, states in enumerate(rng):
             tensors.update({f"rng.{kind}.{rank}": state for kind, state in states.items()})
         meta = {**self.captioner.header(), "trainer": {**self.state, "world_size": self.world.size},
-                "optimizer": optim_json, "scaler": self.scaler.state_dict() if self.use_amp else {}}
+                "optimizer": optim_json, "scaler": self.scaler.state_dict() if self.use_amp else {},
+                "scheduler": self.scheduler.state_dict()}
         save_tensors(self.out / LAST_FILE, tensors, meta)
 
     def read_last(self) -> tuple[dict[str, torch.Tensor], dict] | None:
@@ -487,6 +530,10 @@ class Trainer:
                              f"--fine-tune-cnn): {exc}") from None
         if meta.get("scaler") and self.use_amp:
             self.scaler.load_state_dict(meta["scaler"])
+        if not same_layout(meta.get("scheduler"), self.scheduler.state_dict()):
+            raise ValueError(f"{source}: its learning-rate schedule state does not fit this run's "
+                             f"--lr-schedule {self.cfg.lr_schedule} --warmup-steps {self.cfg.warmup_steps}")
+        self.scheduler.load_state_dict(meta["scheduler"])
         trainer = meta["trainer"]
         self.state.update({k: v for k, v in trainer.items() if k in self.state})
         rank = self.world.rank
@@ -500,8 +547,9 @@ class Trainer:
 
     def save_best(self, scores: dict[str, float]) -> None:
         if self.world.is_main:
+            # The epoch's number as metrics.jsonl counts (1 = the first), not the 0-based index.
             self.captioner.save(self.out / BEST_DIR, info={"val_scores": scores,
-                                                            "epoch": self.state["epoch"]})
+                                                            "epoch": self.state["epoch"] + 1})
 
     def log(self, record: dict) -> None:
         if self.world.is_main:
@@ -539,16 +587,14 @@ class Trainer:
             bar.close()
             train_seconds = time.time() - started
             scores = self.validate()
-            cider = scores.get("CIDEr")
-            # No scores (no readable validation image): nothing to stop on, keep the latest weights.
-            improved = cider is None or cider > state["best_cider"]
+            cider = scores["CIDEr"]
+            improved = cider > state["best_cider"]
             if improved:
                 self.save_best(scores)
-            if cider is not None and improved:
                 state["best_cider"], state["bad_epochs"] = cider, 0
-            elif cider is not None:
+            else:
                 state["bad_epochs"] += 1
-            state["stopped"] = state["bad_epochs"] >= cfg.patience
+            state["stopped"] = 0 < cfg.patience <= state["bad_epochs"]
             steps = state["epoch_loss_steps"]
             record = {"epoch": epoch + 1, "step": state["global_step"],
                       "train_loss": state["epoch_loss_sum"] / steps if steps else None,
@@ -561,7 +607,7 @@ class Trainer:
             if self.world.is_main:
                 loss_text = f"{record['train_loss']:.3f}" if steps else "-"
                 print(f"epoch {epoch + 1}: loss {loss_text}  val BLEU-4 {scores.get('BLEU-4', 0):.4f}  "
-                      f"CIDEr {cider or 0:.4f}{'  (best)' if improved else ''}  {train_seconds:.0f}s", flush=True)
+                      f"CIDEr {cider:.4f}{'  (best)' if improved else ''}  {train_seconds:.0f}s", flush=True)
                 plot_curves(self.out / METRICS_FILE, self.out / CURVES_FILE)
         self.world.barrier()
         return self.out / BEST_DIR
@@ -593,6 +639,7 @@ def plot_curves(metrics_file: Path, png: Path) -> None:
 
 def fit(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig) -> Path:
     """Train and return the folder of the best checkpoint."""
+    require_java()      # validation scores with it: say so now, not after the first epoch
     world = init_world(parse_device(train_cfg.device))
     try:
         return Trainer(model_cfg, data_cfg, train_cfg, world).fit()

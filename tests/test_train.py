@@ -17,7 +17,7 @@ from captioner import cli, features
 from captioner.config import DataConfig, ModelConfig, PreprocessConfig, TrainConfig
 from captioner.datasets import load_coco
 from captioner.encoder import build_backbone
-from captioner.train import Augment, ResumableSampler, Trainer, lr_factor
+from captioner.train import Augment, ResumableSampler, Trainer, lr_scheduler
 from train_fixtures import (COCO_TINY, checkpoint_tensors, karpathy_split, max_difference,
                             requires_java, train_args)
 
@@ -26,15 +26,40 @@ COCO_MINI = TESTS.parent.parent / "shared" / "data" / "coco-mini"
 
 
 # -- schedule, sampler, augmentation ----------------------------------------------------------
-def test_lr_warms_up_linearly_then_follows_the_cosine_to_5_percent():
+def lr_of_each_step(cfg: TrainConfig, steps_per_epoch: int, steps: int) -> list[float]:
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = lr_scheduler(optimizer, cfg, steps_per_epoch)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_lr_warms_up_linearly_then_follows_the_schedule():
     cfg = TrainConfig(epochs=2, warmup_steps=10, lr_schedule="cosine")
-    factors = [lr_factor(cfg, step, steps_per_epoch=55) for step in range(110)]
+    factors = lr_of_each_step(cfg, steps_per_epoch=55, steps=111)
     assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
     assert factors[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
-    assert lr_factor(cfg, 110, 55) == pytest.approx(0.05)
+    assert factors[110] == pytest.approx(0.05)
     step_cfg = TrainConfig(lr_schedule="step", lr_step_epochs=2, lr_step_gamma=0.5, warmup_steps=0)
-    assert [lr_factor(step_cfg, e * 10, 10) for e in range(5)] == [1.0, 1.0, 0.5, 0.5, 0.25]
+    assert lr_of_each_step(step_cfg, 10, 50)[::10] == [1.0, 1.0, 0.5, 0.5, 0.25]
+    warm_step = TrainConfig(lr_schedule="step", lr_step_epochs=1, lr_step_gamma=0.5, warmup_steps=4)
+    assert lr_of_each_step(warm_step, 10, 24)[3::10] == pytest.approx([1.0, 0.5, 0.25])   # epochs count from step 0
+    constant = lr_of_each_step(TrainConfig(lr_schedule="constant", warmup_steps=2), 10, 30)
+    assert constant[:3] == [0.5, 1.0, 1.0] and set(constant[2:]) == {1.0}
+
+
+def test_a_misspelled_lr_schedule_is_refused(tmp_path, capsys):
+    split = karpathy_split(tmp_path)
+    with pytest.raises(SystemExit):
+        cli.main(train_args(split, tmp_path / "run", tmp_path / "cache", lr_schedule="cosin"))
+    assert "invalid choice: 'cosin'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="TrainConfig.lr_schedule must be one of cosine | step | constant"):
+        Trainer(*small_configs(tmp_path, split, lr_schedule="cosin"))
+    assert not (tmp_path / "cache").exists()
 
 
 def test_rank_shards_together_are_the_single_process_batches_and_resume_skips_indices():
@@ -296,3 +321,54 @@ def test_kill_and_resume_with_every_quality_lever_matches_uninterrupted(tmp_path
     whole = checkpoint_tensors(tmp_path / "whole" / "last.safetensors", "decoders.")
     assert max_difference(whole, checkpoint_tensors(tmp_path / "killed" / "last.safetensors", "decoders.")) == 0.0
     assert len(list(cache.glob("features-*.npy"))) == 3                 # train, mirrored train, val
+
+
+# -- early stopping, the best checkpoint, Java -------------------------------------------------
+@pytest.mark.parametrize("patience, scores, epochs_run, best_epoch", [
+    (2, [0.1, 0.3, 0.2, 0.25, 0.5, 0.6], 4, 2),      # two epochs without a better score: stop
+    (1, [0.1, 0.2, 0.3, 0.1, 0.5], 4, 3),
+    (0, [0.3, 0.2, 0.1, 0.05], 4, 1),                # 0: never stop early
+    (3, [0.2, 0.2, 0.2, 0.2], 4, 1),                 # equal is not better
+])
+def test_early_stopping_and_the_best_checkpoint(tmp_path, patience, scores, epochs_run, best_epoch):
+    from captioner.checkpoint import read_checkpoint
+
+    trainer = Trainer(*small_configs(tmp_path, karpathy_split(tmp_path), epochs=len(scores), patience=patience))
+    scripted = iter(scores)
+    best_weights = {}
+
+    def validate():
+        score = next(scripted)
+        if score > max([-1.0] + list(best_weights)):
+            best_weights[score] = {k: v.clone() for k, v in trainer.decoder.state_dict().items()}
+        return {"BLEU-4": 0.0, "CIDEr": score}
+
+    trainer.validate = validate
+    trainer.fit()
+    epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_CIDEr"] for r in epochs if "val_CIDEr" in r] == scores[:epochs_run]
+    best = read_checkpoint(tmp_path / "run" / "best" / "model.safetensors")
+    best_score = max(scores[:epochs_run])
+    assert best.info["epoch"] == best_epoch and best.info["val_scores"]["CIDEr"] == best_score
+    assert all(torch.equal(best.tensors[f"decoders.0.{k}"], v) for k, v in best_weights[best_score].items())
+
+
+@pytest.fixture
+def no_java(tmp_path, monkeypatch):
+    from captioner import evaluate
+
+    evaluate.java_problem.cache_clear()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    yield
+    evaluate.java_problem.cache_clear()
+
+
+def test_without_java_training_and_evaluation_stop_at_once(tmp_path, capsys, no_java):
+    split = karpathy_split(tmp_path)
+    assert cli.main(train_args(split, tmp_path / "run", tmp_path / "cache")) == 2
+    assert cli.main(["evaluate", "--dataset", "karpathy", "--karpathy-json", str(split), "--data-root",
+                     str(COCO_TINY), "--split", "test"]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert errors == [f"captioner {command}: error: METEOR and the PTB tokenizer need Java (no java on PATH): "
+                      "install a JRE (Debian: apt-get install default-jre-headless)" for command in ("train", "evaluate")]
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()

@@ -3,16 +3,12 @@ photos sized for exact comparisons, and the `captioner train` options of a secon
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-import pytest
+from conftest import requires_java  # noqa: F401  (validation scores with Java)
 from safetensors.torch import load_file
 
 COCO_TINY = Path(__file__).resolve().parent / "fixtures" / "coco_tiny"
-
-requires_java = pytest.mark.skipif(shutil.which("java") is None,
-                                   reason="validation scoring (PTB tokenizer) needs Java; make test installs it")
 
 
 def karpathy_split(folder: Path) -> Path:
