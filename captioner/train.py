@@ -13,6 +13,7 @@ A run killed at any point and resumed continues exactly as the uninterrupted run
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -31,7 +32,7 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler, SequentialLR
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .api import Captioner
-from .checkpoint import fingerprint, load_module_state, read_checkpoint, save_tensors, state_with_prefix
+from .checkpoint import atomic_write, fingerprint, load_module_state, read_checkpoint, save_tensors, state_with_prefix
 from .config import (DataConfig, DecodeConfig, ModelConfig, PreprocessConfig, TrainConfig, check_config,
                      from_dict, to_dict)
 from .datasets import CaptionTokens, ImageCaptions, holdout_split, load_split, pad_tokens, validation_split
@@ -39,9 +40,10 @@ from .distributed import World, init_world, parse_device, rank_device
 from .encoder import build_backbone
 from .evaluate import caption_records, require_java, score_captions
 from .features import default_cache_dir, feature_cache
-from .init_from import check_architecture, extended_decoder_state, model_config_from, read_initial_checkpoint
+from .init_from import (ARCHITECTURE, check_architecture, extended_decoder_state, model_config_from, option_name,
+                        read_initial_checkpoint)
 from .model import CaptionDecoder, caption_loss
-from .preprocess import open_image, resize, to_tensor
+from .preprocess import ImageInputs, collate_images, open_image
 from .vocab import Vocabulary
 
 LAST_FILE, BEST_DIR, METRICS_FILE, CURVES_FILE = "last.safetensors", "best", "metrics.jsonl", "curves.png"
@@ -64,6 +66,38 @@ def training_records(data_cfg: DataConfig, cfg: TrainConfig
     """The exact records training uses (and `captioner prepare` caches): val_images caps val."""
     train, val = load_splits(data_cfg, cfg.seed)
     return train, val[: cfg.val_images] if cfg.val_images else val
+
+
+def records_digest(train: list[ImageCaptions], val: list[ImageCaptions]) -> str:
+    """sha256 of the image ids and captions a run trains and validates on (paths left out)."""
+    payload = json.dumps([[[r.image_id, r.captions] for r in records] for records in (train, val)])
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+# What a resumed run may change: where and how fast it runs, and when it gives up; not what it computes.
+RESUME_MAY_CHANGE = frozenset({"output", "resume", "device", "amp", "num_workers", "cache_dir",
+                               "checkpoint_every", "patience"})
+
+
+def resume_differences(meta: dict, cfg: TrainConfig, data_cfg: DataConfig, model_cfg: ModelConfig,
+                       start, data_sha256: str) -> list[str]:
+    """What differs between a saved training state (its header `meta`) and this run's options
+    and data, one entry per difference naming the option. Path options (--data-root ...) are not
+    saved: the data's digest and the starting checkpoint's sha256 stand for them."""
+    info = meta.get("info", {})
+    changes = []
+    for saved, now in ((info.get("train", {}), to_dict(cfg)), (info.get("data", {}), to_dict(data_cfg)),
+                       (meta["model"], {k: getattr(model_cfg, k) for k in ARCHITECTURE + ("dropout",)})):
+        for name, value in now.items():
+            if name in saved and name not in RESUME_MAY_CHANGE and saved[name] != value:
+                changes.append(f"{option_name(name)} was {saved[name]}, now {value}")
+    if info.get("data_sha256", data_sha256) != data_sha256:
+        changes.append("the images or captions differ")
+    started = info.get("started_from", {}).get("sha256")
+    if started != (fingerprint(start.path) if start else None):
+        changes.append("--init-from names another checkpoint" if started and start else
+                       f"--init-from was {'given' if started else 'not given'}, now {'given' if start else 'not'}")
+    return changes
 
 
 class ResumableSampler(DistributedSampler):
@@ -98,7 +132,8 @@ class Augment:
     def __init__(self, preprocess_cfg: PreprocessConfig, seed: int):
         self.cfg, self.seed = preprocess_cfg, seed
 
-    def __call__(self, path: str, epoch: int, item: int) -> torch.Tensor:
+    def __call__(self, path: str, epoch: int, item: int) -> Image.Image:
+        """The photo at `path` flipped and cropped, as preprocessing then resizes it."""
         rng = np.random.default_rng([self.seed, epoch, item])
         image = open_image(path, self.cfg.image_size)
         if rng.random() < 0.5:
@@ -107,23 +142,22 @@ class Augment:
         scale = rng.uniform(0.8, 1.0)
         w, h = max(1, int(width * scale)), max(1, int(height * scale))
         left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
-        return to_tensor(resize(image.crop((left, top, left + w, top + h)), self.cfg), self.cfg)  # (3, S, S)
+        return image.crop((left, top, left + w, top + h))
 
 
-class ImageTokens(Dataset):
-    """(augmented image, token ids) per caption, for end-to-end training; `epoch` is set by the
-    trainer before each epoch's loader starts (workers receive a copy at that moment)."""
+class AugmentedImages(ImageInputs):
+    """The package's image Dataset (admission, preprocessing; an unreadable file is an error
+    item, not a crash) over each caption's photo, augmented by (seed, epoch, caption index).
+    `epoch` is set by the trainer before each epoch's loader starts (workers get a copy then)."""
 
     def __init__(self, tokens: CaptionTokens, records: list[ImageCaptions], augment: Augment):
-        self.tokens, self.records, self.augment = tokens, records, augment
+        super().__init__([records[tokens[i][0]].path for i in range(len(tokens))], augment.cfg)
+        self.augment = augment
         self.epoch = 0
 
-    def __len__(self) -> int:
-        return len(self.tokens)
-
     def __getitem__(self, i: int):
-        row, ids = self.tokens[i]
-        return self.augment(self.records[row].path, self.epoch, i), ids
+        self.transform = partial(self.augment, epoch=self.epoch, item=i)    # this item's draw
+        return super().__getitem__(i)
 
 
 class FlipChoice(Dataset):
@@ -151,12 +185,15 @@ def feature_batch(batch, features: np.ndarray, pad_id: int, mirrored_features: n
         mirrored = np.array([item[2] for item in batch])                           # (B,) bool
         if mirrored.any():
             inputs[mirrored] = np.asarray(mirrored_features[rows[mirrored]], dtype=np.float32)
-    return torch.from_numpy(inputs), pad_tokens([item[1] for item in batch], pad_id)   # (B, D), (B, T)
+    return torch.from_numpy(inputs), pad_tokens([item[1] for item in batch], pad_id), []   # (B, D), (B, T)
 
 
-def image_batch(batch, pad_id: int):
-    images = torch.stack([image for image, _ in batch])                            # (B, 3, S, S)
-    return images, pad_tokens([ids for _, ids in batch], pad_id)                   # (B, T)
+def image_batch(batch, tokens: CaptionTokens, pad_id: int):
+    """AugmentedImages items -> (images (B, 3, S, S) or None, their captions' ids (B, T) or None,
+    [(caption index, ImageLoadError)] of the unreadable ones)."""
+    indices, images, errors = collate_images(batch)
+    ids = pad_tokens([tokens[i][1] for i in indices], pad_id) if indices else None
+    return images, ids, errors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,8 +282,14 @@ class Trainer:
         self.device = rank_device(device, self.world)
         self.train_records, self.val_records = training_records(data_cfg, cfg)
         start = read_initial_checkpoint(cfg.init_from) if cfg.init_from else None
+        data_sha256 = records_digest(self.train_records, self.val_records)
         resume = self.read_last()
         if resume:
+            changes = resume_differences(resume[1], cfg, data_cfg, model_cfg, start, data_sha256)
+            if changes:
+                raise ValueError(f"--resume: {self.out / LAST_FILE} was saved with other options or data: "
+                                 f"{'; '.join(changes)}. Resume with the same ones, or start a new "
+                                 "run in another --output")
             vocab = Vocabulary(resume[1]["vocab"])
             model_cfg = from_dict(ModelConfig, resume[1]["model"])
         elif start:
@@ -261,7 +304,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.captioner = Captioner.create(model_cfg, vocab, pretrained=start is None,
                                           preprocess_cfg=start.preprocess if start else None)
-        self.captioner.info = {"dataset": data_cfg.dataset, "train": to_dict(cfg), "data": to_dict(data_cfg)}
+        self.captioner.info = {"dataset": data_cfg.dataset, "train": to_dict(cfg), "data": to_dict(data_cfg),
+                               "data_sha256": data_sha256}
         if start:
             # The checkpoint's CNN (a resumed run's own, when it fine-tunes, comes in load_last).
             load_module_state(self.captioner.encoder, start.tensors, "encoder.", str(start.path))
@@ -280,7 +324,8 @@ class Trainer:
         # after the feature cache: building it draws from the RNG, and a rerun finds it built.
         torch.manual_seed(cfg.seed + self.world.rank)
         self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_cider": -1.0,
-                      "bad_epochs": 0, "stopped": False, "epoch_loss_sum": 0.0, "epoch_loss_steps": 0}
+                      "bad_epochs": 0, "stopped": False, "epoch_loss_sum": 0.0, "epoch_loss_steps": 0,
+                      "unreadable_images": 0}
         self.model: nn.Module | None = None      # what train_step runs: decoder or EndToEnd, maybe in DDP
         self.uses_images = False
         if resume:
@@ -321,11 +366,12 @@ class Trainer:
             collate_fn=partial(feature_batch, features=self.train_features, pad_id=self.vocab.pad_id,
                                mirrored_features=self.mirrored_features))
         if cfg.fine_tune_cnn:
-            self.images = ImageTokens(self.tokens, self.train_records,
-                                      Augment(self.captioner.preprocess_cfg, cfg.seed))
+            self.images = AugmentedImages(self.tokens, self.train_records,
+                                          Augment(self.captioner.preprocess_cfg, cfg.seed))
             self.image_loader = DataLoader(
                 self.images, batch_size=self.per_rank, sampler=self.sampler, generator=torch.Generator(),
-                collate_fn=partial(image_batch, pad_id=self.vocab.pad_id), num_workers=cfg.num_workers,
+                collate_fn=partial(image_batch, tokens=self.tokens, pad_id=self.vocab.pad_id),
+                num_workers=cfg.num_workers,
                 pin_memory=self.device.type == "cuda")
 
     def begin_epoch(self, epoch: int) -> DataLoader:
@@ -391,6 +437,14 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         return float(totals[0] / totals[1])
+
+    def skipped(self, unreadable: list) -> None:
+        """Count the photos fine-tuning could not read (this process's); warn at the first."""
+        if not self.state["unreadable_images"]:
+            index, error = unreadable[0]
+            warnings.warn(f"fine-tuning: skipping unreadable images, counted in metrics.jsonl "
+                          f"(first: {self.images.items[index]}: {error.reason})", stacklevel=2)
+        self.state["unreadable_images"] += len(unreadable)
 
     def sampling_probability(self) -> float:
         """Scheduled sampling's replacement probability now: linear from 0 to its maximum over the
@@ -530,10 +584,17 @@ class Trainer:
                              f"--fine-tune-cnn): {exc}") from None
         if meta.get("scaler") and self.use_amp:
             self.scaler.load_state_dict(meta["scaler"])
-        if not same_layout(meta.get("scheduler"), self.scheduler.state_dict()):
+        if "scheduler" not in meta:
+            # Saved before the schedule was a PyTorch scheduler: the same schedule, stepped to here.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")       # "lr_scheduler.step() before optimizer.step()"
+                for _ in range(meta["trainer"].get("global_step", 0)):
+                    self.scheduler.step()
+        elif same_layout(meta["scheduler"], self.scheduler.state_dict()):
+            self.scheduler.load_state_dict(meta["scheduler"])
+        else:
             raise ValueError(f"{source}: its learning-rate schedule state does not fit this run's "
                              f"--lr-schedule {self.cfg.lr_schedule} --warmup-steps {self.cfg.warmup_steps}")
-        self.scheduler.load_state_dict(meta["scheduler"])
         trainer = meta["trainer"]
         self.state.update({k: v for k, v in trainer.items() if k in self.state})
         rank = self.world.rank
@@ -566,24 +627,33 @@ class Trainer:
             (self.out / "config.json").write_text(json.dumps(
                 {"model": to_dict(self.model_cfg), "data": to_dict(self.data_cfg), "train": to_dict(cfg),
                  "world_size": self.world.size}, indent=2))
+        if self.world.is_main and cfg.resume:
+            drop_records_after(self.out / METRICS_FILE, state["global_step"])
         while state["epoch"] < cfg.epochs and not state["stopped"]:
             epoch, first = state["epoch"], state["step_in_epoch"]
             loader = self.begin_epoch(epoch)
             started, recent = time.time(), []
             bar = tqdm(total=self.steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        unit="batch", disable=not self.world.is_main, dynamic_ncols=True)
-            for i, (inputs, tokens) in enumerate(loader, start=first):
-                recent.append(self.train_step(inputs, tokens))
+            for i, (inputs, tokens, unreadable) in enumerate(loader, start=first):
+                if unreadable:
+                    self.skipped(unreadable)
+                # Every rank steps or none does (DDP): a batch whose photos were all unreadable
+                # (they were readable when the feature cache was built) is skipped everywhere.
+                if not self.uses_images or self.world.all_true(inputs is not None):
+                    recent.append(self.train_step(inputs, tokens))
+                    state["epoch_loss_sum"] += recent[-1]
+                    state["epoch_loss_steps"] += 1
                 state["step_in_epoch"], state["global_step"] = i + 1, state["global_step"] + 1
-                state["epoch_loss_sum"] += recent[-1]
-                state["epoch_loss_steps"] += 1
-                bar.set_postfix(loss=f"{np.mean(recent[-50:]):.3f}",
+                bar.set_postfix(loss=f"{np.mean(recent[-50:]):.3f}" if recent else "-",
                                 lr=f"{self.optimizer.param_groups[0]['lr']:.1e}")
                 bar.update(1)
                 if cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0:
-                    self.save_last()
+                    # Logged first: a kill between the two leaves a record past the checkpoint,
+                    # which resuming drops and writes again.
                     self.log({"step": state["global_step"], "epoch": epoch + (i + 1) / self.steps_per_epoch,
-                              "train_loss": float(np.mean(recent[-cfg.checkpoint_every:]))})
+                              "train_loss": float(np.mean(recent[-cfg.checkpoint_every:])) if recent else None})
+                    self.save_last()
             bar.close()
             train_seconds = time.time() - started
             scores = self.validate()
@@ -600,7 +670,8 @@ class Trainer:
                       "train_loss": state["epoch_loss_sum"] / steps if steps else None,
                       "val_BLEU-4": scores.get("BLEU-4"), "val_CIDEr": cider,
                       "lr": self.optimizer.param_groups[0]["lr"], "epoch_seconds": round(train_seconds, 1),
-                      "sampling_probability": round(self.sampling_probability(), 4)}
+                      "sampling_probability": round(self.sampling_probability(), 4),
+                      "unreadable_images": state["unreadable_images"]}
             state.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0, epoch_loss_steps=0)
             self.log(record)
             self.save_last()
@@ -611,6 +682,16 @@ class Trainer:
                 plot_curves(self.out / METRICS_FILE, self.out / CURVES_FILE)
         self.world.barrier()
         return self.out / BEST_DIR
+
+
+def drop_records_after(metrics_file: Path, step: int) -> None:
+    """Keep the records up to `step` (where a resumed run continues): the ones after it were
+    written by the killed run and will be written again."""
+    if metrics_file.is_file():
+        lines = metrics_file.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            atomic_write(metrics_file, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in kept)))
 
 
 def plot_curves(metrics_file: Path, png: Path) -> None:

@@ -106,6 +106,9 @@ def test_a_run_started_from_a_checkpoint_trains_and_resumes(tmp_path, tiny_check
     assert trained.vocab.itos[:len(start.vocab)] == start.vocab.itos and len(trained.vocab) > len(start.vocab)
     assert trained.model_cfg.hidden_dim == 64 and "started_from" in trained.info
     assert not torch.equal(trained.decoders[0].init_h.weight, start.decoders[0].init_h.weight)
-    # Resuming for a second epoch keeps the started run's vocabulary and CNN.
-    assert cli.main(train_args(split, tmp_path / "run", cache, epochs=2, resume=True, **options)) == 0
+    # The finished run resumes (nothing left to do) with the started run's vocabulary and CNN;
+    # from another starting checkpoint, or none, it is refused.
+    assert cli.main(train_args(split, tmp_path / "run", cache, epochs=1, resume=True, **options)) == 0
     assert Captioner.load(tmp_path / "run" / "best", fast=False).vocab.itos == trained.vocab.itos
+    assert cli.main(train_args(split, tmp_path / "run", cache, epochs=1, resume=True, embed_dim=32,
+                               hidden_dim=64)) == 2
