@@ -283,7 +283,8 @@ def test_scheduled_sampling_ramps_and_never_touches_padding_or_start(tmp_path):
     assert trainer.sampling_probability() == pytest.approx(0.25)
     trainer.state["global_step"] = 10 * trainer.steps_per_epoch
     assert trainer.sampling_probability() == pytest.approx(0.5)         # capped at the maximum
-    features, tokens = next(iter(trainer.begin_epoch(0)))
+    features, tokens, unreadable = next(iter(trainer.begin_epoch(0)))
+    assert unreadable == []
     fed = trainer.scheduled_inputs(features, tokens)
     pad = tokens == trainer.vocab.pad_id
     assert torch.equal(fed[pad], tokens[pad]) and torch.equal(fed[:, 0], tokens[:, 0])
