@@ -10,9 +10,19 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+
+def cache_folder(kind: str) -> Path:
+    """Where captioner keeps a kind of cache on this machine ("features", "onnx"): the user's
+    cache folder as platformdirs finds it (~/.cache/captioner/<kind> on Linux, XDG_CACHE_HOME
+    respected)."""
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("captioner")) / kind
 
 
 def from_dict(cls: type[T], data: Any) -> T:

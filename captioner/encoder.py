@@ -7,6 +7,7 @@ its weights download on first use, so that path needs the network (tests pass pr
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 from dataclasses import dataclass
 
@@ -137,3 +138,14 @@ def lite_classifier(name: str = "efficientnet_lite0") -> nn.Module:
     net = EfficientNet.from_name(name.replace("_", "-"))
     net.load_state_dict(torch.load(lite_weights_path(name), map_location="cpu", weights_only=True))
     return net.eval()
+
+
+def encoder_digest(encoder: nn.Module) -> str:
+    """sha256 of a CNN's weights and buffers (names, dtypes, shapes, bytes): ~40 ms for Lite0.
+    It names the feature cache and the ONNX export made from these weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(encoder.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_write
-from .config import PreprocessConfig, to_dict
+from .config import PreprocessConfig, cache_folder, to_dict
+from .encoder import encoder_digest
 
 # Bump when the export recipe changes, so files written by an older recipe are not reused.
 EXPORT_VERSION = 1
@@ -57,8 +58,7 @@ def cpu_count() -> int:
 
 
 def onnx_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "captioner" / "onnx"
+    return cache_folder("onnx")
 
 
 def encoder_fingerprint(encoder: nn.Module, cfg: PreprocessConfig) -> str:
@@ -66,10 +66,7 @@ def encoder_fingerprint(encoder: nn.Module, cfg: PreprocessConfig) -> str:
     digest = hashlib.sha256(json.dumps({
         "export": EXPORT_VERSION, "class": f"{type(encoder).__module__}.{type(encoder).__qualname__}",
         "preprocess": to_dict(cfg)}, sort_keys=True).encode())
-    for name, tensor in sorted(encoder.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(encoder_digest(encoder).encode())
     return digest.hexdigest()[:24]
 
 

@@ -15,20 +15,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .config import PreprocessConfig, to_dict
+from .checkpoint import atomic_write
+from .config import PreprocessConfig, cache_folder, to_dict
 from .datasets import ImageCaptions
 from .distributed import World
+from .encoder import encoder_digest
 from .fast_encoder import make_encode_fn
 from .preprocess import ImageInputs, collate_images, open_image
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "captioner" / "features"
+    return cache_folder("features")
 
 
 def image_loader(paths: list[str], cfg: PreprocessConfig, batch_size: int, num_workers: int,
@@ -38,9 +40,12 @@ def image_loader(paths: list[str], cfg: PreprocessConfig, batch_size: int, num_w
                       persistent_workers=False, prefetch_factor=4 if num_workers else None)
 
 
-def cache_key(backbone: str, cfg: PreprocessConfig, paths: list[str], variant: str = "") -> str:
-    payload = json.dumps({"backbone": backbone, "preprocess": to_dict(cfg), "variant": variant,
-                          "paths": [os.path.abspath(p) for p in paths]}, sort_keys=True)
+def cache_key(backbone: str, cfg: PreprocessConfig, paths: list[str], variant: str = "", *,
+              weights: str) -> str:
+    """The name of a cache entry: everything that changes its features. weights is the CNN's
+    encoder_digest (a fine-tuned or fp16-rounded CNN gives other features than ImageNet's)."""
+    payload = json.dumps({"backbone": backbone, "weights": weights, "preprocess": to_dict(cfg),
+                          "variant": variant, "paths": [os.path.abspath(p) for p in paths]}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -49,29 +54,60 @@ def cache_files(cache_dir: str | os.PathLike, key: str) -> tuple[Path, Path]:
     return Path(cache_dir) / f"features-{key}.npy", Path(cache_dir) / f"features-{key}.json"
 
 
+def read_cache(cache_dir: Path, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """A complete cache entry (its marker is written last), or None."""
+    array_path, done_path = cache_files(cache_dir, key)
+    if not done_path.is_file():
+        return None
+    ok = np.array(json.loads(done_path.read_text())["ok"], dtype=bool)
+    return np.load(array_path, mmap_mode="r"), ok
+
+
+def cache_lock(cache_dir: Path, key: str, part: str = "") -> FileLock:
+    """Held while an entry (or one rank's part of it) is built, so that two runs on the same
+    images at once build it once: the second waits, then reads it."""
+    return FileLock(cache_dir / f".features-{key}{part}.lock")
+
+
+def part_file(cache_dir: Path, key: str, rank: int, world: int) -> Path:
+    return cache_dir / f"features-{key}.rank{rank}of{world}.npz"
+
+
 def cached_features(encode, backbone: str, cfg: PreprocessConfig, paths: list[str],
                     cache_dir: str | os.PathLike, batch_size: int = 64, num_workers: int = 2,
                     variant: str = "", transform=None, shard: tuple[int, int] = (0, 1),
-                    progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                    progress: bool = True, *, weights: str) -> tuple[np.ndarray, np.ndarray]:
     """Features (N, D) fp16 memory-mapped, and a bool mask of images that could be read.
 
-    The key covers backbone, preprocessing and the image list, so a change to any of them
-    computes a new cache. shard=(rank, world) computes only this rank's rows (rank 0 creates
-    the file; the caller synchronises ranks before reading).
+    The key (cache_key) covers backbone, CNN weights, preprocessing and the image list, so a
+    change to any of them computes a new cache. shard=(rank, world) computes only this rank's
+    rows and returns (None, None): the caller merges (merge_feature_shards) once all are done.
+    Every file is written under a temporary name and renamed.
     """
-    from tqdm import tqdm
-
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = cache_key(backbone, cfg, paths, variant)
-    array_path, done_path = cache_files(cache_dir, key)
-    if done_path.is_file():
-        ok = np.array(json.loads(done_path.read_text())["ok"], dtype=bool)
-        return np.load(array_path, mmap_mode="r"), ok
+    key = cache_key(backbone, cfg, paths, variant, weights=weights)
+    rank, world = shard
+    # This rank's lock (merging takes the entry's): a second run waits here, then finds it built.
+    with cache_lock(cache_dir, key, f".rank{rank}of{world}"):
+        built = read_cache(cache_dir, key)
+        if built is None and not part_file(cache_dir, key, rank, world).is_file():
+            encode_part(encode, backbone, cfg, paths, part_file(cache_dir, key, rank, world), batch_size,
+                        num_workers, transform, shard, progress)
+        if built is None and world == 1:
+            merge_feature_shards(cache_dir, key, len(paths), world)
+            built = read_cache(cache_dir, key)
+    return built if world == 1 else (None, None)
+
+
+def encode_part(encode, backbone: str, cfg: PreprocessConfig, paths: list[str], part_path: Path,
+                batch_size: int, num_workers: int, transform, shard: tuple[int, int], progress: bool) -> None:
+    """Encode this rank's images (every world-th from rank) into part_path: their indices and
+    fp16 features; unreadable images are left out, counted in one warning."""
+    from tqdm import tqdm
+
     rank, world = shard
     mine = list(range(rank, len(paths), world))
-    part_path = cache_dir / f"features-{key}.rank{rank}.npz"
-    ok = np.zeros(len(paths), dtype=bool)
     rows, indices = [], []
     loader = image_loader([paths[i] for i in mine], cfg, batch_size, num_workers, transform)
     bar = tqdm(total=len(mine), desc=f"features {backbone}", unit="img", disable=not progress)
@@ -85,39 +121,46 @@ def cached_features(encode, backbone: str, cfg: PreprocessConfig, paths: list[st
     bar.close()
     if failed:
         warnings.warn(f"feature cache: skipped {len(failed)} unreadable images "
-                      f"(first: {failed[0][0]}: {failed[0][1]})", stacklevel=2)
+                      f"(first: {failed[0][0]}: {failed[0][1]})", stacklevel=3)
     features = np.concatenate(rows) if rows else np.zeros((0, 0), np.float16)
-    np.savez(part_path, indices=np.array(indices, dtype=np.int64), features=features)
-    if world == 1:
-        merge_feature_shards(cache_dir, key, len(paths), world)
-        return cached_features(encode, backbone, cfg, paths, cache_dir, progress=False,
-                               variant=variant)
-    return None, None
+
+    def write_part(tmp: str) -> None:
+        with open(tmp, "wb") as f:       # a file object: np.savez would add .npz to the name
+            np.savez(f, indices=np.array(indices, dtype=np.int64), features=features)
+
+    atomic_write(part_path, write_part)
 
 
 def merge_feature_shards(cache_dir: Path, key: str, total: int, world: int) -> None:
-    """Combine the per-rank parts into the memory-mapped array and mark the cache complete."""
-    part_paths = [cache_dir / f"features-{key}.rank{r}.npz" for r in range(world)]
-    missing = [p.name for p in part_paths if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"feature cache {cache_dir}: parts {missing} were not written here. On several machines "
-            "--cache-dir must be a shared folder, or run `captioner prepare` on each machine first")
-    parts = [np.load(p) for p in part_paths]
-    dim = max((p["features"].shape[1] for p in parts if p["features"].size), default=0)
-    array = np.lib.format.open_memmap(cache_dir / f"features-{key}.npy.tmp.npy", mode="w+",
-                                      dtype=np.float16, shape=(total, dim))
-    ok = np.zeros(total, dtype=bool)
-    for p in parts:
-        if p["features"].size:
-            array[p["indices"]] = p["features"]
-            ok[p["indices"]] = True
-    array.flush()
-    del array
-    os.replace(cache_dir / f"features-{key}.npy.tmp.npy", cache_dir / f"features-{key}.npy")
-    (cache_dir / f"features-{key}.json").write_text(json.dumps({"ok": ok.tolist()}))
-    for r in range(world):
-        (cache_dir / f"features-{key}.rank{r}.npz").unlink(missing_ok=True)
+    """Combine the per-rank parts into the memory-mapped array and mark the cache complete
+    (once: a run that finds it complete, built meanwhile by another, leaves it)."""
+    cache_dir = Path(cache_dir)
+    with cache_lock(cache_dir, key):
+        if read_cache(cache_dir, key) is not None:
+            return
+        part_paths = [part_file(cache_dir, key, r, world) for r in range(world)]
+        missing = [p.name for p in part_paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"feature cache {cache_dir}: parts {missing} were not written here. On several machines "
+                "--cache-dir must be a shared folder, or run `captioner prepare` on each machine first")
+        parts = [np.load(p) for p in part_paths]
+        dim = max((p["features"].shape[1] for p in parts if p["features"].size), default=0)
+        array_path, done_path = cache_files(cache_dir, key)
+        ok = np.zeros(total, dtype=bool)
+
+        def write_array(tmp: str) -> None:
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(total, dim))
+            for p in parts:
+                if p["features"].size:
+                    array[p["indices"]] = p["features"]
+                    ok[p["indices"]] = True
+            array.flush()
+
+        atomic_write(array_path, write_array)
+        atomic_write(done_path, lambda tmp: Path(tmp).write_text(json.dumps({"ok": ok.tolist()})))
+        for p in part_paths:
+            p.unlink(missing_ok=True)
 
 
 def hflip(path: str) -> Image.Image:
@@ -134,6 +177,7 @@ def feature_cache(encoder: nn.Module, backbone: str, preprocess_cfg: PreprocessC
     images and rank 0 merges."""
     encoder.eval()
     fast_encode = None
+    weights = encoder_digest(encoder)
 
     @torch.inference_mode()
     def encode(images: torch.Tensor) -> torch.Tensor:
@@ -145,10 +189,10 @@ def feature_cache(encoder: nn.Module, backbone: str, preprocess_cfg: PreprocessC
         return fast_encode(images).float()                          # (B, D)
 
     paths = [r.path for r in records]
-    args = dict(cache_dir=cache_dir, batch_size=64, num_workers=num_workers,
+    args = dict(cache_dir=cache_dir, batch_size=64, num_workers=num_workers, weights=weights,
                 variant="hflip" if flipped else "", transform=hflip if flipped else None)
     if world.size > 1:
-        key = cache_key(backbone, preprocess_cfg, paths, args["variant"])
+        key = cache_key(backbone, preprocess_cfg, paths, args["variant"], weights=weights)
         # Decided together: a rank that skipped the shards would leave the others at the barrier.
         if not world.all_true(cache_files(cache_dir, key)[1].is_file()):
             cached_features(encode, backbone, preprocess_cfg, paths, shard=(world.rank, world.size),

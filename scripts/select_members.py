@@ -30,6 +30,7 @@ import torch
 from captioner import Captioner
 from captioner.config import DecodeConfig
 from captioner.datasets import load_flickr8k
+from captioner.encoder import encoder_digest
 from captioner.ensemble import ensemble_of
 from captioner.evaluate import score_captions
 from captioner.fast_encoder import make_encode_fn
@@ -71,8 +72,9 @@ def main() -> None:
             encoder.append(make_encode_fn(first.encoder, first.preprocess_cfg))
         return encoder[0](images)
 
+    weights = encoder_digest(first.encoder)
     features, usable = cached_features(encode, first.model_cfg.backbone, first.preprocess_cfg, paths,
-                                       args.cache_dir, progress=False)
+                                       args.cache_dir, progress=False, weights=weights)
     rows = [i for i in range(len(records)) if usable[i]]
     refs = {records[i].image_id: records[i].captions for i in rows}
     feats = torch.from_numpy(np.asarray(features[rows], dtype=np.float32))        # (N, D)
@@ -120,7 +122,8 @@ def main() -> None:
     # flip averaging doubles the CNN's cost.
     score("ensemble, beam 5 (ablation)", chosen, dataclasses.replace(best_cfg, beam_size=5))
     mirrored, mirrored_usable = cached_features(encode, first.model_cfg.backbone, first.preprocess_cfg, paths,
-                                                args.cache_dir, variant="hflip", transform=hflip, progress=False)
+                                                args.cache_dir, variant="hflip", transform=hflip, progress=False,
+                                                weights=weights)
     if mirrored_usable[rows].all():
         averaged = (feats + torch.from_numpy(np.asarray(mirrored[rows], dtype=np.float32))) / 2
         score("ensemble, flip-averaged features (ablation)", chosen, best_cfg, averaged)

@@ -16,6 +16,7 @@ import torch
 from captioner import Captioner
 from captioner.config import DecodeConfig
 from captioner.datasets import load_flickr8k
+from captioner.encoder import encoder_digest
 from captioner.features import cached_features
 from captioner.evaluate import score_captions
 
@@ -40,7 +41,8 @@ def main() -> None:
         raise RuntimeError(f"no cached {args.split} features in {args.cache_dir}: train first")
 
     features, usable = cached_features(no_encoder, first.model_cfg.backbone, first.preprocess_cfg,
-                                       [r.path for r in records], args.cache_dir, progress=False)
+                                       [r.path for r in records], args.cache_dir, progress=False,
+                                       weights=encoder_digest(first.encoder))
     rows = [i for i in range(len(records)) if usable[i]]
     refs = {records[i].image_id: records[i].captions for i in rows}
     feats = torch.from_numpy(np.asarray(features[rows], dtype=np.float32))

@@ -147,7 +147,7 @@ def test_prepare_builds_the_memory_mapped_cache_that_training_reads(tmp_path, ca
     assert cli.main(["prepare", "--dataset", "coco", "--data-root", str(COCO_TINY), "--karpathy-json",
                      str(split), "--cache-dir", str(tmp_path / "cache"), "--num-workers", "0"]) == 0
     assert capsys.readouterr().out.splitlines() == ["train: 4 of 4 images cached", "val: 1 of 1 images cached"]
-    files = sorted((tmp_path / "cache").iterdir())
+    files = sorted(p for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))   # (locks)
     assert len(files) == 4                              # (array, completion marker) x (train, val)
 
     def no_encoding(*args, **kwargs):
@@ -156,7 +156,7 @@ def test_prepare_builds_the_memory_mapped_cache_that_training_reads(tmp_path, ca
     trainer = Trainer(*small_configs(tmp_path, split))
     assert isinstance(trainer.train_features, np.memmap) and trainer.train_features.dtype == np.float16
     assert trainer.train_features.shape == (4, 1280) and trainer.val_usable.tolist() == [True]
-    assert sorted((tmp_path / "cache").iterdir()) == files
+    assert sorted(p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")) == files
 
 
 # -- resumable checkpoint --------------------------------------------------------------------
