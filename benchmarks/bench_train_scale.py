@@ -354,7 +354,8 @@ TABLE_COLUMNS = [
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(name for name, _ in TABLE_COLUMNS) + " |",
              "|" + "---|" * len(TABLE_COLUMNS)]
-    lines += ["| " + " | ".join(cell(r) for _, cell in TABLE_COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r) for _, cell in TABLE_COLUMNS) + " |"
+              for r in sorted(rows, key=lambda r: (r["images"], r["processes"]))]
     return "\n".join(lines)
 
 
