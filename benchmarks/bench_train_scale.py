@@ -275,7 +275,7 @@ def worker(argv: list[str]) -> int:
             loader_s = step_s = 0.0
             timed_from = time.perf_counter()
         start = time.perf_counter()
-        inputs, tokens = next(batches)
+        inputs, tokens = next(batches)[:2]        # (features, token ids[, unreadable])
         fetched = time.perf_counter()
         if step == 0:
             first_batch_s = time.time() - launched
