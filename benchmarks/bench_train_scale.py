@@ -178,17 +178,18 @@ def write_json(path: Path, data: dict) -> None:
 def write_feature_cache(model_cfg, data_cfg, train_cfg, rng: np.random.Generator) -> None:
     """Random fp16 features for the records `captioner train` reads, under the name the trainer
     looks up: the records come from training_records, the key from the package's cache_key over
-    the same backbone and preprocessing as `captioner prepare` (prepare_features) uses."""
+    the same backbone, weights and preprocessing as `captioner prepare` (prepare_features) uses."""
+    from captioner.encoder import build_backbone, encoder_digest
     from captioner.features import cache_files, cache_key
-    from captioner.encoder import build_backbone
     from captioner.train import training_records
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         train, val = training_records(data_cfg, train_cfg)
-    backbone = build_backbone(model_cfg.backbone, pretrained=False)
+    backbone = build_backbone(model_cfg.backbone, pretrained=True)
+    weights = encoder_digest(backbone.module)
     for records in (train, val):
-        key = cache_key(model_cfg.backbone, backbone.preprocess, [r.path for r in records])
+        key = cache_key(model_cfg.backbone, backbone.preprocess, [r.path for r in records], weights=weights)
         array_path, done_path = cache_files(train_cfg.cache_dir, key)
         array_path.parent.mkdir(parents=True, exist_ok=True)
         features = np.lib.format.open_memmap(array_path, mode="w+", dtype=np.float16,
@@ -297,11 +298,16 @@ def worker(argv: list[str]) -> int:
     return 0
 
 
+def cache_entries(cache_dir: Path) -> list[str]:
+    """The cache's arrays, markers and parts (not its lock files, which every lookup takes)."""
+    return sorted(p.name for p in cache_dir.glob("features-*"))
+
+
 def measure(workdir: Path, n: int, processes: int, args) -> dict:
     """Launch one run (python, or torchrun for several processes) and combine its ranks' reports."""
     out = Path(tempfile.mkdtemp(prefix=f"n{n}-p{processes}-", dir=workdir / "runs"))
     cache_dir = workdir / "cache"
-    before = sorted(p.name for p in cache_dir.iterdir())
+    before = cache_entries(cache_dir)
     launcher = ([sys.executable] if processes == 1 else
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"])
     command = launcher + [__file__, "worker", "--data-root", str(data_root(workdir, n)),
@@ -311,7 +317,7 @@ def measure(workdir: Path, n: int, processes: int, args) -> dict:
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{n} images, {processes} process(es): exit {done.returncode}\n{done.stderr[-4000:]}")
-    after = sorted(p.name for p in cache_dir.iterdir())
+    after = cache_entries(cache_dir)
     if after != before:
         raise RuntimeError("the trainer wrote feature cache entries of its own: the synthetic cache "
                            f"is not where it looks ({sorted(set(after) - set(before))})")
