@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 FLICKR8K ?= ../shared/data/flickr8k
 
-.PHONY: app test install system-deps train-flickr8k evaluate-flickr8k bench
+.PHONY: app test install system-deps train-flickr8k ensemble-flickr8k evaluate-flickr8k bench
 
 # The venv is (re)built when pyproject.toml changes. torch comes from pip's index as usual.
 $(STAMP): pyproject.toml
@@ -33,6 +33,10 @@ test: $(STAMP) system-deps
 # Reproduces the shipped model (see checkpoints/README.md).
 train-flickr8k: $(STAMP)
 	FLICKR8K=$(FLICKR8K) PY=$(PY) bash data/train_flickr8k.sh
+
+# Round two's ensemble experiment (the model card's "Round two"); writes runs/ensemble-flickr8k/ensemble.safetensors.
+ensemble-flickr8k: $(STAMP)
+	FLICKR8K=$(FLICKR8K) PY=$(PY) bash data/ensemble_flickr8k.sh
 
 evaluate-flickr8k: $(STAMP)
 	$(PY) -m captioner evaluate --dataset flickr8k --data-root $(FLICKR8K) --split test --method beam --beam-size 3
