@@ -17,7 +17,9 @@ from captioner import cli, features
 from captioner.config import DataConfig, ModelConfig, PreprocessConfig, TrainConfig
 from captioner.datasets import load_coco
 from captioner.encoder import build_backbone
-from captioner.train import Augment, ResumableSampler, Trainer, lr_scheduler
+from captioner.train import Trainer
+from captioner.train_data import Augment, ResumableSampler
+from captioner.train_optim import lr_scheduler
 from train_fixtures import (COCO_TINY, checkpoint_tensors, karpathy_split, max_difference,
                             requires_java, train_args)
 
@@ -154,8 +156,8 @@ def test_prepare_builds_the_memory_mapped_cache_that_training_reads(tmp_path, ca
         raise AssertionError("training encoded images although prepare had cached them")
     monkeypatch.setattr(features, "image_loader", no_encoding)
     trainer = Trainer(*small_configs(tmp_path, split))
-    assert isinstance(trainer.train_features, np.memmap) and trainer.train_features.dtype == np.float16
-    assert trainer.train_features.shape == (4, 1280) and trainer.val_usable.tolist() == [True]
+    assert isinstance(trainer.data.train_features, np.memmap) and trainer.data.train_features.dtype == np.float16
+    assert trainer.data.train_features.shape == (4, 1280) and trainer.data.val_usable.tolist() == [True]
     assert sorted(p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")) == files
 
 
@@ -167,14 +169,14 @@ def test_last_checkpoint_restores_optimizer_rng_and_position(tmp_path):
     trainer = Trainer(model_cfg, data_cfg, cfg)
     trainer.fit()
     rng = torch.get_rng_state()
-    saved = trainer.optimizer.state_dict()
+    saved = trainer.optim.optimizer.state_dict()
 
     resumed = Trainer(model_cfg, data_cfg, TrainConfig(**{**vars(cfg), "resume": True}))
     assert torch.equal(torch.get_rng_state(), rng)
     assert resumed.state == trainer.state and resumed.state["global_step"] == 5
-    loaded = resumed.optimizer.state_dict()
+    loaded = resumed.optim.optimizer.state_dict()
     assert json.loads(json.dumps(loaded["param_groups"])) == json.loads(json.dumps(saved["param_groups"]))
-    assert loaded["state"].keys() == saved["state"].keys() and len(saved["state"]) == len(trainer.params)
+    assert loaded["state"].keys() == saved["state"].keys() and len(saved["state"]) == len(trainer.optim.params)
     for idx, slots in saved["state"].items():
         for name, value in slots.items():
             assert torch.equal(loaded["state"][idx][name], value), (idx, name)
@@ -245,7 +247,7 @@ def test_mixed_precision_on_cuda(tmp_path):
     split = karpathy_split(tmp_path)
     model_cfg, data_cfg, cfg = small_configs(tmp_path, split, device="cuda")
     trainer = Trainer(model_cfg, data_cfg, cfg)
-    assert trainer.use_amp and trainer.scaler.is_enabled()
+    assert trainer.optim.use_amp and trainer.optim.scaler.is_enabled()
     trainer.fit()
     assert all(torch.isfinite(p).all() for p in trainer.decoder.parameters())
 
@@ -279,9 +281,9 @@ def test_scheduled_sampling_ramps_and_never_touches_padding_or_start(tmp_path):
     trainer = Trainer(ModelConfig(embed_dim=16, hidden_dim=16), data_cfg, cfg)
     trainer.model = trainer.decoder
     assert trainer.sampling_probability() == 0.0                       # step 0
-    trainer.state["global_step"] = trainer.steps_per_epoch              # half-way up the ramp
+    trainer.state["global_step"] = trainer.data.steps_per_epoch              # half-way up the ramp
     assert trainer.sampling_probability() == pytest.approx(0.25)
-    trainer.state["global_step"] = 10 * trainer.steps_per_epoch
+    trainer.state["global_step"] = 10 * trainer.data.steps_per_epoch
     assert trainer.sampling_probability() == pytest.approx(0.5)         # capped at the maximum
     features, tokens, unreadable = next(iter(trainer.begin_epoch(0)))
     assert unreadable == []
@@ -293,7 +295,7 @@ def test_scheduled_sampling_ramps_and_never_touches_padding_or_start(tmp_path):
 
 
 def test_flip_choice_depends_only_on_seed_epoch_and_item():
-    from captioner.train import FlipChoice
+    from captioner.train_data import FlipChoice
 
     items = [(i % 3, [1, 2]) for i in range(200)]
     choice = FlipChoice(items, seed=4, enabled=True)
