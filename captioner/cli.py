@@ -166,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=TrainConfig.seed, help="as for train: picks the held-out validation images")
     p.add_argument("--val-images", type=int, default=TrainConfig.val_images, help="as for train")
     p.add_argument("--flip-augment", action="store_true", help="as for train: also the mirrored photos")
+    p.add_argument("--init-from", metavar="CHECKPOINT", help="as for train: the checkpoint's CNN and preprocessing")
 
     p = sub.add_parser("evaluate", help="coco-caption metrics (BLEU, METEOR, ROUGE-L, CIDEr) on a split")
     p.add_argument("--checkpoint", help="checkpoint file or folder (default: the shipped model)")
@@ -229,7 +230,8 @@ def cmd_prepare(args) -> int:
     from .train import prepare_features
 
     train_cfg = TrainConfig(cache_dir=args.cache_dir, device=args.device, num_workers=args.num_workers,
-                            seed=args.seed, val_images=args.val_images, flip_augment=args.flip_augment)
+                            seed=args.seed, val_images=args.val_images, flip_augment=args.flip_augment,
+                            init_from=args.init_from)
     counts = prepare_features(ModelConfig(backbone=args.backbone), data_config(args), train_cfg)
     if os.environ.get("RANK", "0") == "0":
         for split, (readable, total) in counts.items():

@@ -344,14 +344,20 @@ def fit(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig) ->
 def prepare_features(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig
                      ) -> dict[str, tuple[int, int]]:
     """Build the feature cache that `captioner train` with the same options reads (same records,
-    backbone, preprocessing, hence the same cache keys), sharded over the processes under
-    torchrun. Returns {"train" | "val": (readable images, images)}."""
+    backbone, CNN weights and preprocessing, hence the same cache keys; with init_from the
+    checkpoint's), sharded over the processes under torchrun. Returns {"train" | "val":
+    (readable images, images)}."""
     device = parse_device(cfg.device)
     world = init_world(device)
     try:
         device = rank_device(device, world)
         train, val = training_records(data_cfg, cfg)
-        backbone = build_backbone(model_cfg.backbone, pretrained=True)
+        start = read_initial_checkpoint(cfg.init_from) if cfg.init_from else None
+        name = start.model.backbone if start else model_cfg.backbone
+        backbone = build_backbone(name, pretrained=start is None)
+        preprocess_cfg = start.preprocess if start else backbone.preprocess
+        if start:
+            load_module_state(backbone.module, start.tensors, "encoder.", str(start.path))
         backbone.module.to(device)
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         counts = {}
@@ -359,7 +365,7 @@ def prepare_features(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainCon
         if cfg.flip_augment:
             views.append(("train mirrored", train, True))
         for split, records, flipped in views:
-            _, readable = feature_cache(backbone.module, model_cfg.backbone, backbone.preprocess, records,
+            _, readable = feature_cache(backbone.module, name, preprocess_cfg, records,
                                         cache_dir, world, device, cfg.num_workers, flipped=flipped)
             counts[split] = (int(readable.sum()), len(records))
         return counts

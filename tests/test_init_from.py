@@ -112,3 +112,24 @@ def test_a_run_started_from_a_checkpoint_trains_and_resumes(tmp_path, tiny_check
     assert Captioner.load(tmp_path / "run" / "best", fast=False).vocab.itos == trained.vocab.itos
     assert cli.main(train_args(split, tmp_path / "run", cache, epochs=1, resume=True, embed_dim=32,
                                hidden_dim=64)) == 2
+
+
+def test_prepare_with_init_from_builds_the_cache_the_started_run_reads(tmp_path, tiny_checkpoint, monkeypatch):
+    from captioner import features
+
+    # Stored in fp16, the CNN's weights are no longer ImageNet's fp32 ones: another cache.
+    half = Captioner.load(tiny_checkpoint, fast=False).save(tmp_path / "half.safetensors", half=True)
+    split = karpathy_split(tmp_path)
+    prepare = ["prepare", "--dataset", "karpathy", "--karpathy-json", str(split), "--data-root", str(COCO_TINY),
+               "--cache-dir", str(tmp_path / "cache"), "--num-workers", "0"]
+    assert cli.main(prepare) == 0 and cli.main(prepare + ["--init-from", str(half)]) == 0
+    assert len(list((tmp_path / "cache").glob("features-*.npy"))) == 4      # (train, val) x 2 CNNs
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("training encoded images although prepare had cached them")
+    monkeypatch.setattr(features, "image_loader", no_encoding)
+    data_cfg = DataConfig(dataset="karpathy", data_root=str(COCO_TINY), karpathy_json=str(split), train_split="train",
+                          val_split="val", min_word_count=1)
+    Trainer(ModelConfig(embed_dim=32, hidden_dim=64), data_cfg,
+            TrainConfig(output=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), num_workers=0,
+                        init_from=str(half)))
