@@ -241,14 +241,14 @@ def worker(argv: list[str]) -> int:
 
     import torch
 
-    from captioner import train
+    from captioner import train, train_data
     from captioner.config import DataConfig, ModelConfig, TrainConfig
     from captioner.distributed import init_world
     from captioner.vocab import Vocabulary
 
     phases: dict[str, float] = {}
     train.load_split = timed(phases, "records_s", train.load_split)
-    train.CaptionTokens = timed(phases, "tokens_s", train.CaptionTokens)
+    train_data.CaptionTokens = timed(phases, "tokens_s", train_data.CaptionTokens)
     build = Vocabulary.build.__func__
     Vocabulary.build = classmethod(timed(phases, "vocabulary_s", build))
     memory = {"after imports": memory_status()}
@@ -261,13 +261,14 @@ def worker(argv: list[str]) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = train.Trainer(ModelConfig(), data_cfg, train_cfg, world)
-    if not isinstance(trainer.train_features, np.memmap):
+    data = trainer.data
+    if not isinstance(data.train_features, np.memmap):
         raise RuntimeError("the training features are not memory-mapped from the cache")
     memory["after set-up"] = memory_status()
     needed = args.warmup + args.steps
-    if needed > trainer.steps_per_epoch:
+    if needed > data.steps_per_epoch:
         raise ValueError(f"--warmup + --steps = {needed} steps, but an epoch here has only "
-                         f"{trainer.steps_per_epoch}: use fewer steps or more images")
+                         f"{data.steps_per_epoch}: use fewer steps or more images")
     batches = iter(trainer.begin_epoch(0))
     loader_s = step_s = 0.0
     for step in range(needed):
@@ -288,8 +289,8 @@ def worker(argv: list[str]) -> int:
     result = {
         "rank": world.rank, "world_size": world.size, "threads": torch.get_num_threads(),
         "images": len(trainer.train_records), "val_images": len(trainer.val_records),
-        "captions": len(trainer.tokens), "vocabulary": len(trainer.vocab),
-        "steps_per_epoch": trainer.steps_per_epoch, "timed_steps": args.steps, "seconds": elapsed,
+        "captions": len(data.tokens), "vocabulary": len(trainer.vocab),
+        "steps_per_epoch": data.steps_per_epoch, "timed_steps": args.steps, "seconds": elapsed,
         "loader_s": loader_s, "compute_s": step_s, "first_batch_s": first_batch_s,
         **{k: round(v, 3) for k, v in phases.items()}, "memory_mb": memory,
     }
