@@ -18,7 +18,7 @@ from .checkpoint import (MODEL_FILE, load_module_state, public_info, read_checkp
 from .config import DecodeConfig, ModelConfig, PreprocessConfig, to_dict, with_overrides
 from .encoder import build_backbone
 from .engine import CaptionEngine
-from .model import CaptionDecoder
+from .model import CaptionDecoder, DecoderStack
 from .preprocess import ImageLoadError, preprocess
 from .vocab import Vocabulary
 
@@ -112,6 +112,7 @@ class Captioner(nn.Module):
         # Optional faster CPU path for the CNN (ONNX Runtime); None means eager PyTorch.
         self.fast_encoder = None
         self._engine: CaptionEngine | None = None
+        self._stack: tuple[tuple, DecoderStack] | None = None      # (weights' key, stack)
 
     @property
     def engine(self) -> CaptionEngine:
@@ -195,37 +196,50 @@ class Captioner(nn.Module):
             return self.fast_encoder(images)
         return self.encoder(images.to(self.device)).float()
 
+    def decoder_stack(self) -> DecoderStack:
+        """The decoders' stacked inference form (model.DecoderStack), rebuilt when their weights
+        change (an optimizer step, load_state_dict or .to() moves or bumps a parameter)."""
+        key = tuple((p.data_ptr(), p._version) for p in self.decoders.parameters())
+        stack = self._stack
+        if stack is None or stack[0] != key:
+            stack = self._stack = (key, DecoderStack(list(self.decoders)))
+        return stack[1]
+
     def step(self, tokens: torch.Tensor, state: tuple[torch.Tensor, ...]):
         """Decoding step of the (ensemble) model: the decoders' word probabilities averaged, with
         <pad>, <start> and <unk> never generated (renormalised over the remaining words).
-        Fewer than MIN_DECODE_ROWS rows are padded (see there), so results never depend on N."""
-        rows = tokens.shape[0]
-        if rows < MIN_DECODE_ROWS:
-            logprobs, new_state = self.step(pad_rows(tokens, MIN_DECODE_ROWS),
-                                            tuple(pad_rows(s, MIN_DECODE_ROWS) for s in state))
-            return logprobs[:rows], tuple(s[:rows] for s in new_state)
-        if len(self.decoders) == 1:
-            logprobs, new_state = self.decoders[0].step(tokens, state)
-        else:
-            all_logprobs, states = [], []
-            for i, decoder in enumerate(self.decoders):
-                member_logprobs, (h, c) = decoder.step(tokens, state[2 * i: 2 * i + 2])
-                all_logprobs.append(member_logprobs)
-                states += [h, c]
-            stacked = torch.stack(all_logprobs)                               # (M, N, V)
-            logprobs, new_state = torch.logsumexp(stacked, dim=0), tuple(states)
-        banned = torch.tensor([self.vocab.pad_id, self.vocab.bos_id, self.vocab.unk_id], device=logprobs.device)
-        logprobs = logprobs.index_fill(1, banned, float("-inf"))
-        return torch.log_softmax(logprobs, dim=-1), new_state                  # (N, V)
+        state: (h, c), each (N, M, L, H) for M decoders (start_state). Always the eval-mode
+        computation. Fewer than MIN_DECODE_ROWS rows are padded (see there), so results never
+        depend on N. To decode, take stepper() once: this looks the weights up on every call."""
+        return self.stepper()(tokens, state)
+
+    def stepper(self) -> decoding.StepFn:
+        """step() bound to the current weights (decoder_stack), for one decoding run."""
+        stack = self.decoder_stack()
+        ensemble = len(self.decoders) > 1
+        with torch.inference_mode(False):
+            banned = torch.tensor([self.vocab.pad_id, self.vocab.bos_id, self.vocab.unk_id],
+                                  device=stack.readout_b.device)
+
+        def step(tokens: torch.Tensor, state: tuple[torch.Tensor, ...]):
+            rows = tokens.shape[0]
+            if rows < MIN_DECODE_ROWS:
+                logprobs, new_state = step(pad_rows(tokens, MIN_DECODE_ROWS),
+                                           tuple(pad_rows(s, MIN_DECODE_ROWS) for s in state))
+                return logprobs[:rows], tuple(s[:rows] for s in new_state)
+            member_logprobs, new_state = stack.step(tokens, state)                      # (M, N, V)
+            logprobs = torch.logsumexp(member_logprobs, dim=0) if ensemble else member_logprobs[0]
+            logprobs = logprobs.index_fill(1, banned, float("-inf"))
+            return torch.log_softmax(logprobs, dim=-1), new_state                      # (N, V)
+
+        return step
 
     def start_state(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Pooled features (B, D) -> the decoders' initial states, (B, L, H) each."""
+        """Pooled features (B, D) -> the decoders' initial state (h, c), each (B, M, L, H)."""
         rows = features.shape[0]
         padded = pad_rows(features, MIN_DECODE_ROWS)
-        state = []
-        for decoder in self.decoders:
-            state += [s[:rows] for s in decoder.start_state(padded)]
-        return tuple(state)
+        members = [decoder.start_state(padded) for decoder in self.decoders]          # (B', L, H) x 2 each
+        return tuple(torch.stack([m[i] for m in members], 1)[:rows] for i in range(2))
 
     @torch.inference_mode()
     def caption_features(self, features: torch.Tensor, cfg: DecodeConfig | None = None
@@ -241,7 +255,7 @@ class Captioner(nn.Module):
         if cfg.method == "sample" and cfg.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         state = self.start_state(features)
-        nbest = decode_batch(self.step, state, cfg, self.vocab.bos_id, self.vocab.eos_id, generator)
+        nbest = decode_batch(self.stepper(), state, cfg, self.vocab.bos_id, self.vocab.eos_id, generator)
         return [self._to_caption(hyps) for hyps in nbest]
 
     def _to_caption(self, hyps: list[decoding.Hypothesis]) -> Caption:

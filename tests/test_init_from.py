@@ -63,7 +63,7 @@ def test_before_any_step_the_model_captions_as_the_checkpoint_does(tmp_path, tin
     assert (after[:, :len(old)][allowed] - before[allowed]).abs().max().item() < 1e-5
     # ... and the new words together start with e^-16 of <unk>'s (pre-ban) probability.
     with torch.inference_mode():
-        raw, _ = model.decoders[0].step(tokens, state)
+        raw, _ = model.decoders[0].step(tokens, (state[0][:, 0], state[1][:, 0]))     # member 0 of (N, M, L, H)
     gap = raw[:, old.unk_id] - raw[:, len(old):].logsumexp(dim=1)                     # (6,)
     assert torch.allclose(gap, torch.full_like(gap, NEW_WORD_MARGIN), atol=1e-4)
 

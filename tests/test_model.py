@@ -1,5 +1,5 @@
-"""The LSTM decoder: shapes, initial loss, memorising a few captions, padding masking, and step()
-agreeing with teacher forcing."""
+"""The LSTM decoder: shapes, initial loss, memorising a few captions, padding masking, step()
+agreeing with teacher forcing, and the stacked inference step (DecoderStack) equal to step() bitwise."""
 import math
 
 import pytest
@@ -9,7 +9,7 @@ from torch import nn
 from captioner.api import Captioner
 from captioner.config import DecodeConfig, ModelConfig, PreprocessConfig
 from captioner.decoding import beam_search, greedy
-from captioner.model import CaptionDecoder, caption_loss
+from captioner.model import CaptionDecoder, DecoderStack, caption_loss
 from captioner.vocab import Vocabulary
 
 FEATURE_DIM = 24
@@ -173,3 +173,57 @@ def test_tied_decoder_starts_at_log_vocab_size():
     loss = caption_loss(model(torch.randn(16, FEATURE_DIM), tokens), tokens, pad_id=0)
     assert abs(loss.item() - math.log(2000)) < 0.5
     assert model.embed.weight[0].abs().sum() == 0                   # <pad> row stays zero
+
+
+def member_states(members, features) -> tuple[torch.Tensor, torch.Tensor]:
+    """The members' start states in DecoderStack's layout: (h, c), each (N, M, L, H)."""
+    starts = [m.start_state(features) for m in members]
+    return tuple(torch.stack([start[i] for start in starts], 1) for i in range(2))
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_decoder_stack_equals_each_members_step_bitwise(num_layers):
+    """The stacked step decoding runs (precomputed word gates, batched products over members)
+    gives every member exactly what CaptionDecoder.step gives, step after step, alone or in an
+    ensemble, in any number of rows >= 8 (api.MIN_DECODE_ROWS)."""
+    members = [decoder(vocab_size=300, num_layers=num_layers, hidden_dim=64, seed=s).eval() for s in range(3)]
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for count in (1, 3):
+            stack = DecoderStack(members[:count])
+            for rows in (8, 13, 40):
+                state = member_states(members[:count], torch.randn(rows, FEATURE_DIM, generator=generator))
+                tokens = torch.randint(0, 300, (rows,), generator=generator)
+                for _ in range(3):
+                    logprobs, new_state = stack.step(tokens, state)             # (M, N, V)
+                    for m, member in enumerate(members[:count]):
+                        expected, (h, c) = member.step(tokens, (state[0][:, m], state[1][:, m]))
+                        assert torch.equal(logprobs[m], expected), (count, rows, m)
+                        assert torch.equal(new_state[0][:, m], h) and torch.equal(new_state[1][:, m], c)
+                    state, tokens = new_state, logprobs[-1].argmax(-1)
+
+
+def test_ensemble_step_and_the_stack_follow_the_weights():
+    """Captioner.step averages the members' probabilities (banned words renormalised away), from
+    the members' own steps bitwise; after the weights change, decoding uses the new ones."""
+    vocab = Vocabulary.build(CAPTIONS, min_count=1)
+    members = [decoder(vocab_size=len(vocab), hidden_dim=64, seed=s).eval() for s in range(2)]
+    captioner = Captioner(nn.Identity(), members, vocab, members[0].cfg, PreprocessConfig())
+    features = torch.randn(3, FEATURE_DIM, generator=torch.Generator().manual_seed(2))
+    tokens = torch.tensor([vocab.bos_id, 5, 6])
+    banned = torch.tensor([vocab.pad_id, vocab.bos_id, vocab.unk_id])
+
+    def expected_step():
+        padded = torch.cat([features, features.new_zeros(5, FEATURE_DIM)])        # 8 rows, as the api pads
+        rows = torch.cat([tokens, tokens.new_zeros(5)])
+        each = torch.stack([m.step(rows, m.start_state(padded))[0] for m in members])   # (M, 8, V)
+        return torch.log_softmax(torch.logsumexp(each, 0).index_fill(1, banned, float("-inf")), -1)[:3]
+
+    with torch.inference_mode():
+        logprobs, (h, c) = captioner.step(tokens, captioner.start_state(features))
+        assert h.shape == c.shape == (3, 2, 1, 64)                                # (N, M, L, H)
+        assert torch.equal(logprobs, expected_step())
+        assert torch.all(logprobs[:, banned] == float("-inf"))
+        with torch.no_grad():
+            members[1].readout.bias[7] += 5.0                                     # in place: same tensor
+        assert torch.equal(captioner.step(tokens, captioner.start_state(features))[0], expected_step())
