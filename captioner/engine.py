@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -57,8 +58,15 @@ def read_images(items: Sequence, cfg: PreprocessConfig, batch_size: int, workers
     if workers == 0 or len(items) <= batch_size:
         return (ImageBatch(*collate_images([dataset[i] for i in range(start, min(start + batch_size, len(items)))]))
                 for start in range(0, len(items), batch_size))
-    loader = iter(DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                             collate_fn=collate_images, prefetch_factor=2))
+    # The workers are forked: garbage they inherit must never be collected in them, as a dropped
+    # ONNX Runtime session there waits forever for its thread pool's threads (which were not
+    # forked). gc.freeze() puts every object of this moment out of the collector's reach.
+    gc.freeze()
+    try:
+        loader = iter(DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                 collate_fn=collate_images, prefetch_factor=2))
+    finally:
+        gc.unfreeze()
     return (ImageBatch(*batch) for batch in loader)
 
 

@@ -1,8 +1,11 @@
-"""The web UI: upload a photo, read its caption. A thin Gradio shell over `Captioner.caption`.
+"""The web UI: upload a photo, read its caption; or many photos (files or zips) into a table with
+CSV / JSON Lines downloads. A thin Gradio shell over `Captioner.caption` / `caption_stream`.
 
 One model is loaded at start and shared by every request; requests go through Gradio's queue,
-DEFAULT_CONCURRENCY at a time. The endpoint `/caption` takes the image first and has defaults for
-everything else, so `Client(url).predict(handle_file(path), api_name="/caption")[0]` is the caption.
+DEFAULT_CONCURRENCY at a time (one many-photos job at a time, so single photos keep a slot). The
+endpoint `/caption` takes the image first and has defaults for everything else, so
+`Client(url).predict(handle_file(path), api_name="/caption")[0]` is the caption; `/caption_many`
+takes a list of files first and returns (table, CSV file, JSON Lines file, summary).
 """
 from __future__ import annotations
 
@@ -13,6 +16,9 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 import math
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +27,11 @@ import gradio as gr
 import torch
 
 from .api import Caption, Captioner, default_checkpoint
+from .batch import RowWriter
 from .checkpoint import CheckpointError
-from .outputs import confidence_color
+from .outputs import caption_row, confidence_color
 from .preprocess import MAX_PIXELS, ImageLoadError, ImageTooLarge, NotAnImage
+from .uploads import UploadError, collect_uploads, remove_tree
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 MAX_UPLOAD = "25mb"
@@ -40,6 +48,12 @@ QUEUE_SIZE = 64
 USAGE_ERROR = 2
 METHODS = ("beam", "greedy", "sample")
 MAX_BEAM, MAX_CAPTIONS = 10, 5
+# The many-photos tab: photos per engine batch (the table grows by about this many at a time), the
+# most photos one request may hold, and how often the table is sent while a job runs.
+MANY_BATCH = 8
+MAX_PHOTOS = 1000
+MANY_UPDATE_SECONDS = 0.5
+MANY_HEADERS = ["file", "caption", "score", "error"]     # the batch CLI's row fields (batch.FIELDS)
 METRIC_ORDER = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
 
 # System fonts only: the default theme would fetch Google Fonts, and the page must work offline.
@@ -49,8 +63,8 @@ CSS = """
 #caption textarea { font-size: 1.6rem !important; line-height: 1.3 !important; font-weight: 600; }
 .gradio-container { max-width: 1100px !important; margin: auto; }
 @media (max-width: 640px) { #caption textarea { font-size: 1.3rem !important; } }
-/* The table sizes its columns to unwrapped text: its width must not widen the page on a phone. */
-#candidates { contain: inline-size; }
+/* The tables size their columns to unwrapped text: their width must not widen the page on a phone. */
+#candidates, #many-table { contain: inline-size; }
 """
 
 
@@ -148,12 +162,66 @@ def candidate_rows(ranked: list[Caption]) -> list[list[Any]]:
     return rows
 
 
+def upload_paths(files: Any) -> list[str]:
+    """The files of the many-photos input: a list of paths (or Gradio file payloads)."""
+    if isinstance(files, (str, dict, os.PathLike)):
+        files = [files]
+    if not files or not isinstance(files, (list, tuple)):
+        raise BadRequest("No photos: add photos or a zip of photos first.")
+    return [upload_path(f) for f in files]
+
+
+def error_row(name: str, reason: str) -> dict[str, Any]:
+    """The batch CLI's row for an input that could not be captioned."""
+    return {"image": name, "error": reason}
+
+
+@dataclass
+class ManyProgress:
+    """Where a many-photos job is: its rows so far, in the batch CLI's format (outputs.caption_row
+    or error_row, input order), and the downloads once it has finished."""
+    rows: list[dict[str, Any]]
+    total: int                                   # rows the job will have
+    ignored: int = 0                             # zip members that are not images
+    downloads: tuple[str, str] | None = None     # (CSV, JSON Lines) when finished
+
+    @property
+    def failed(self) -> int:
+        return sum("error" in row for row in self.rows)
+
+    def table(self) -> list[list[Any]]:
+        return [[row["image"], row.get("caption", ""), row.get("score"), row.get("error", "")]
+                for row in self.rows]
+
+    def summary(self) -> str:
+        done = len(self.rows)
+        parts = [f"{done - self.failed} of {self.total} captioned" if self.downloads is None
+                 else f"{done - self.failed} captioned"]
+        if self.failed:
+            parts.append(f"{self.failed} could not be captioned (see the error column)")
+        if self.ignored:
+            parts.append(f"{self.ignored} files in zips ignored (not images)")
+        return ", ".join(parts) + ("." if self.downloads is not None else " …")
+
+    def outputs(self) -> tuple:
+        csv_file, jsonl_file = self.downloads or (None, None)
+        return self.table(), csv_file, jsonl_file, self.summary()
+
+
+def ranked_captions(best: Caption) -> list[Caption]:
+    """A result's n best, best first: beam search returns them in order, samples come in drawing
+    order (ranked here by score). Both tabs show the first."""
+    return sorted(best.alternatives or [best], key=lambda c: -c.score)
+
+
 class CaptionService:
     """The request handler around one loaded Captioner (shared by all requests, read only)."""
 
     def __init__(self, captioner: Captioner):
         self.captioner = captioner
         self.defaults = captioner.decode_cfg
+        # The many-photos downloads, one folder a job; removed when the service goes.
+        self.downloads = tempfile.TemporaryDirectory(prefix="captioner-downloads-")
 
     def caption(self, image: Any, method: str = "beam", beam_size: int = 3,
                 temperature: float = 1.0, top_p: float = 1.0, num_captions: int = 3) -> CaptionResult:
@@ -165,8 +233,7 @@ class CaptionService:
             best = self.captioner.caption(path, **options)
         except ImageLoadError as exc:
             raise bad_image(exc) from None
-        # Beam search returns its n best in order; samples come in drawing order: rank by score.
-        ranked = sorted(best.alternatives or [best], key=lambda c: -c.score)
+        ranked = ranked_captions(best)
         top = ranked[0]
         return CaptionResult(caption=top.text,
                              words=[(w, f"{round(100 * p)}%") for w, p in zip(top.words, top.word_probs)],
@@ -176,6 +243,62 @@ class CaptionService:
         """Gradio callback: bad input becomes a gr.Error message, never a traceback."""
         try:
             return self.caption(image, method, beam_size, temperature, top_p, num_captions).outputs()
+        except BadRequest as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+
+    def caption_many(self, files: Any, method: str = "beam", beam_size: int = 3, temperature: float = 1.0,
+                     top_p: float = 1.0, num_captions: int = 3) -> Iterator[ManyProgress]:
+        """Uploaded photos and zips of photos -> their rows as they finish (the engine's
+        caption_stream, on_error="skip": a file that cannot be captioned is an error row, and
+        the rest go on), then the CSV and JSON Lines downloads in the batch CLI's format.
+        The decoding settings are those of one photo, and a row holds the caption that tab
+        shows first. BadRequest for a request that cannot start (no files, too many photos, bad
+        settings)."""
+        paths = upload_paths(files)
+        options = decoding_options(method, beam_size, temperature, top_p, num_captions)
+        workdir = tempfile.mkdtemp(prefix="captioner-zip-")
+        try:
+            try:
+                uploads = collect_uploads(paths, workdir, MAX_PHOTOS)
+            except UploadError as exc:
+                raise BadRequest(str(exc)) from None
+            rows: list[dict[str, Any]] = []
+            yield ManyProgress(list(rows), len(uploads.items), uploads.ignored)
+            results = self.captioner.caption_stream([u.path for u in uploads.items if u.path is not None],
+                                                    batch_size=MANY_BATCH, on_error="skip", **options)
+            last_update = time.monotonic()
+            for upload in uploads.items:
+                if upload.path is None:
+                    rows.append(error_row(upload.name, upload.error))
+                else:
+                    result = next(results)
+                    rows.append(caption_row(upload.name, ranked_captions(result)[0]) if result.ok
+                                else error_row(upload.name, result.error))
+                if time.monotonic() - last_update >= MANY_UPDATE_SECONDS:
+                    last_update = time.monotonic()
+                    yield ManyProgress(list(rows), len(uploads.items), uploads.ignored)
+            yield ManyProgress(rows, len(uploads.items), uploads.ignored, self.write_downloads(rows))
+        finally:
+            remove_tree(workdir)
+
+    def write_downloads(self, rows: list[dict[str, Any]]) -> tuple[str, str]:
+        """captions.csv and captions.jsonl written by the batch CLI's writer (same columns)."""
+        folder = Path(tempfile.mkdtemp(dir=self.downloads.name))
+        paths = []
+        for name in ("captions.csv", "captions.jsonl"):
+            writer = RowWriter(str(folder / name))
+            writer.open()
+            writer.write(rows)
+            writer.close()
+            paths.append(str(folder / name))
+        return paths[0], paths[1]
+
+    def handle_many(self, files, method, beam_size, temperature, top_p, num_captions, progress=gr.Progress()):
+        """Gradio callback (a generator: the table fills in as photos finish, under a progress bar)."""
+        try:
+            for update in self.caption_many(files, method, beam_size, temperature, top_p, num_captions):
+                progress((len(update.rows), max(update.total, 1)), desc="Captioning", unit="photos")
+                yield update.outputs()
         except BadRequest as exc:
             raise gr.Error(str(exc), print_exception=False) from None
 
@@ -239,43 +362,63 @@ def build_app(captioner: Captioner) -> gr.Blocks:
     with gr.Blocks(title="Captioner", analytics_enabled=False) as app:
         gr.Markdown("# Captioner\nDrop in a photo and read what it shows — "
                     "a Show-and-Tell model (CNN encoder + LSTM decoder).")
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=1, min_width=300):
-                # image_mode=None: Gradio hands over the file untouched (no decode, no re-encode).
-                image = gr.Image(label="Photo", type="filepath", image_mode=None,
-                                 sources=["upload", "clipboard", "webcam"], height=360,
-                                 elem_id="photo")
-                button = gr.Button("Caption", variant="primary", elem_id="caption-button")
-                with gr.Accordion("Advanced", open=False):
-                    method_in = gr.Radio(list(METHODS), value=method, label="Method")
-                    beam_in = gr.Slider(1, MAX_BEAM, value=min(max(d.beam_size, 1), MAX_BEAM), step=1,
-                                        label="Beam size (beam search)")
-                    temperature_in = gr.Slider(0.1, 2.0, value=d.temperature, step=0.05,
-                                               label="Temperature (sampling)")
-                    top_p_in = gr.Slider(0.05, 1.0, value=d.top_p, step=0.05, label="Top-p (sampling)")
-                    count_in = gr.Slider(1, MAX_CAPTIONS, value=3, step=1,
-                                         label="Number of captions (beam, sampling)")
-            with gr.Column(scale=1, min_width=300):
-                caption = gr.Textbox(label="Caption", lines=2, interactive=False, elem_id="caption",
-                                     buttons=["copy"])
-                words = gr.HighlightedText(label="Word confidence", color_map=CONFIDENCE_COLORS,
-                                           show_legend=False, show_inline_category=True,
-                                           elem_id="words")
-                candidates = gr.Dataframe(headers=["caption", "score"], datatype=["str", "number"],
-                                          label="Best captions (score: log-probability)",
-                                          interactive=False, wrap=True, column_widths=["78%", "22%"],
-                                          elem_id="candidates")
-        inputs = [image, method_in, beam_in, temperature_in, top_p_in, count_in]
-        outputs = [caption, words, candidates]
+        with gr.Tabs():
+            with gr.Tab("One photo", id="one", elem_id="tab-one"):
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=1, min_width=300):
+                        # image_mode=None: Gradio hands over the file untouched (no decode, no re-encode).
+                        image = gr.Image(label="Photo", type="filepath", image_mode=None,
+                                         sources=["upload", "clipboard", "webcam"], height=360,
+                                         elem_id="photo")
+                        button = gr.Button("Caption", variant="primary", elem_id="caption-button")
+                    with gr.Column(scale=1, min_width=300):
+                        caption = gr.Textbox(label="Caption", lines=2, interactive=False, elem_id="caption",
+                                             buttons=["copy"])
+                        words = gr.HighlightedText(label="Word confidence", color_map=CONFIDENCE_COLORS,
+                                                   show_legend=False, show_inline_category=True,
+                                                   elem_id="words")
+                        candidates = gr.Dataframe(headers=["caption", "score"], datatype=["str", "number"],
+                                                  label="Best captions (score: log-probability)",
+                                                  interactive=False, wrap=True, column_widths=["78%", "22%"],
+                                                  elem_id="candidates")
+                examples = example_images()
+                if examples:
+                    gr.Examples(examples=[[p] for p in examples], inputs=[image], elem_id="examples",
+                                label="Example photos: pick one, then press Caption",
+                                examples_per_page=len(examples))
+            with gr.Tab("Many photos", id="many", elem_id="tab-many"):
+                files = gr.File(label="Photos, or zips of photos (folders inside are fine)",
+                                file_count="multiple", type="filepath", elem_id="many-files")
+                many_button = gr.Button("Caption all", variant="primary", elem_id="many-button")
+                many_summary = gr.Markdown(elem_id="many-summary")
+                many_table = gr.Dataframe(headers=MANY_HEADERS, datatype=["str", "str", "number", "str"],
+                                          label="Captions (score: log-probability, higher is better)",
+                                          interactive=False, wrap=True, elem_id="many-table",
+                                          column_widths=["25%", "50%", "10%", "15%"])
+                with gr.Row():
+                    csv_file = gr.File(label="CSV", interactive=False, elem_id="many-csv")
+                    jsonl_file = gr.File(label="JSON Lines", interactive=False, elem_id="many-jsonl")
+        with gr.Accordion("Advanced: decoding (both tabs)", open=False):
+            method_in = gr.Radio(list(METHODS), value=method, label="Method")
+            beam_in = gr.Slider(1, MAX_BEAM, value=min(max(d.beam_size, 1), MAX_BEAM), step=1,
+                                label="Beam size (beam search)")
+            temperature_in = gr.Slider(0.1, 2.0, value=d.temperature, step=0.05,
+                                       label="Temperature (sampling)")
+            top_p_in = gr.Slider(0.05, 1.0, value=d.top_p, step=0.05, label="Top-p (sampling)")
+            count_in = gr.Slider(1, MAX_CAPTIONS, value=3, step=1,
+                                 label="Number of captions (beam, sampling; the best is shown for many photos)")
+        settings = [method_in, beam_in, temperature_in, top_p_in, count_in]
         # preprocess=False: the callback gets the uploaded file as is and judges it itself, so a
         # non-image gets our message instead of a failure inside Gradio's image decoding.
-        button.click(service.handle, inputs, outputs, api_name="caption", preprocess=False,
+        button.click(service.handle, [image, *settings], [caption, words, candidates],
+                     api_name="caption", preprocess=False,
                      api_description="Caption one image: returns (caption, word probabilities, n best).")
-        examples = example_images()
-        if examples:
-            gr.Examples(examples=[[p] for p in examples], inputs=[image], elem_id="examples",
-                        label="Example photos: pick one, then press Caption",
-                        examples_per_page=len(examples))
+        # One many-photos job at a time: the other slot stays free for single photos.
+        many_button.click(service.handle_many, [files, *settings],
+                          [many_table, csv_file, jsonl_file, many_summary], api_name="caption_many",
+                          concurrency_limit=1,
+                          api_description="Caption many images (a list of image or zip files): returns "
+                                          "(table, CSV file, JSON Lines file, summary).")
         with gr.Accordion("About the model", open=True):
             gr.Markdown(model_card(captioner), elem_id="model-card")
     app.queue(default_concurrency_limit=DEFAULT_CONCURRENCY, max_size=QUEUE_SIZE)

@@ -17,6 +17,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 CAPTION_TIMEOUT_MS = 30_000
+MANY_TIMEOUT_MS = 120_000      # a few photos, on a CPU other jobs may be using
 
 try:
     from playwright.sync_api import sync_playwright
@@ -120,4 +121,48 @@ def test_gallery_opens_in_the_browser_with_thumbnails_and_word_confidence(tiny_c
         assert all(url.startswith(("file:", "data:")) for url in requests)
         page.set_viewport_size(PHONE)
         page.wait_for_timeout(200)
+        assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+
+
+@needs_browser
+def test_browser_captions_many_photos_and_a_zip(tiny_captioner, tmp_path):
+    """The many-photos tab: photos and a zip in, the table fills in, every row (an error row for a
+    bad file), the summary, and CSV / JSON Lines downloads holding the same rows."""
+    from test_webapp import EXAMPLES, photo_zip, read_downloads, running_app
+
+    from captioner.webapp import CaptionService
+
+    archive = photo_zip(tmp_path / "photos.zip", {"trip/day 1/one.jpg": EXAMPLES[1], "notes.txt": b"x"})
+    bad = tmp_path / "broken.jpg"
+    bad.write_text("not a photo")
+    uploads = [str(EXAMPLES[0]), str(archive), str(bad)]
+    expected = list(CaptionService(tiny_captioner).caption_many(uploads))[-1]
+    captions = [row["caption"] for row in expected.rows if "caption" in row]
+    assert len(captions) == 2 and all(captions)
+    with running_app(tiny_captioner) as (_, url), browser_page() as page:
+        page.goto(url)
+        page.get_by_role("tab", name="Many photos").click()
+        page.locator("#many-files input[type=file]").set_input_files(uploads)
+        # uploaded when the list shows every file (the page shows a name's stem and suffix apart)
+        page.wait_for_function("stems => stems.every(s => document.querySelector('#many-files').innerText.includes(s))",
+                               arg=[Path(p).stem for p in uploads], timeout=CAPTION_TIMEOUT_MS)
+        page.locator("#many-button").click()
+        page.locator("#many-jsonl a").first.wait_for(timeout=MANY_TIMEOUT_MS)     # there once it has finished
+        summary = page.locator("#many-summary").inner_text()
+        assert "2 captioned, 1 could not be captioned" in summary and "1 files in zips ignored" in summary
+        table = page.locator("#many-table").inner_text()
+        for text in [*captions, EXAMPLES[0].name, "photos.zip/trip/day 1/one.jpg", "broken.jpg", "not an image"]:
+            assert text in table, text
+        downloaded = []
+        for elem_id, name in (("many-csv", "captions.csv"), ("many-jsonl", "captions.jsonl")):
+            link = page.locator(f"#{elem_id} a").first
+            assert link.get_attribute("href").endswith(name)
+            target = tmp_path / name
+            target.write_bytes(page.request.get(link.get_attribute("href")).body())
+            downloaded.append(str(target))
+        csv_rows, jsonl_rows = read_downloads(tuple(downloaded))
+        assert jsonl_rows == expected.rows and [r["caption"] for r in csv_rows] == [r.get("caption", "") for r in expected.rows]
+
+        page.set_viewport_size(PHONE)
+        page.wait_for_timeout(300)
         assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]

@@ -1,11 +1,16 @@
-"""The web UI: the caption callback called directly, then the app served in this process and
-called through gradio_client, including bad uploads that must not take the server down."""
+"""The web UI: the caption callbacks (one photo, many photos and zips) called directly, then the app
+served in this process and called through gradio_client, including bad uploads that must not take
+the server down."""
 from __future__ import annotations
 
 import contextlib
+import csv
+import json
 import os
 import re
+import stat
 import struct
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -14,7 +19,9 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
+from captioner import uploads as uploads_module
 from captioner import webapp
+from captioner.uploads import collect_uploads
 from captioner.webapp import BadRequest, CaptionService
 
 # Gradio's queue calls pandas APIs that pandas 3 deprecates: its business, not this project's.
@@ -244,3 +251,151 @@ def test_pyproject_declares_the_gradio_versions_the_code_runs_on():
         (requirement,) = [r for r in declared if r.name.replace("-", "_") == name]
         assert requirement.specifier.contains(version(name)), (name, str(requirement), version(name))
         assert not requirement.specifier.contains("5.49.0" if name == "gradio" else "1.13.0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Many photos: files and zips -> a table filled in as photos finish, CSV / JSON Lines downloads
+def photo_zip(path: Path, members: dict[str, bytes | Path]) -> Path:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data.read_bytes() if isinstance(data, Path) else data)
+    return path
+
+
+@pytest.fixture
+def many_uploads(tmp_path, bad_files) -> list[str]:
+    """Two photos, a zip (nested folders, a name climbing out of it, a non-image, macOS
+    metadata, a bad image) and a text file named like a photo."""
+    archive = photo_zip(tmp_path / "holiday.zip", {
+        "day 1/beach/first.jpg": EXAMPLES[1], "../../climbing.jpg": EXAMPLES[2],
+        "notes.txt": b"not a photo", "__MACOSX/day 1/._first.jpg": b"\x00\x05\x16\x07",
+        "broken.png": b"not a png", "day 2/": b""})
+    return [str(EXAMPLES[0]), str(archive), str(bad_files["text"]), str(EXAMPLES[3])]
+
+
+def many_uploads_dir(uploads: list[str]) -> Path:
+    return Path(uploads[1]).parent
+
+
+def read_downloads(downloads: tuple[str, str]) -> tuple[list[dict], list[dict]]:
+    csv_path, jsonl_path = downloads
+    with open(csv_path, newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    return csv_rows, [json.loads(line) for line in Path(jsonl_path).read_text().splitlines()]
+
+
+def test_caption_many_callback(tiny_captioner, many_uploads, tmp_path):
+    service = CaptionService(tiny_captioner)
+    updates = list(service.caption_many(many_uploads, "beam", 3, 1.0, 1.0, 3))
+    final = updates[-1]
+    assert updates[0].rows == [] and all(u.downloads is None for u in updates[:-1])
+    names = [row["image"] for row in final.rows]
+    assert names == [EXAMPLES[0].name, "holiday.zip/day 1/beach/first.jpg", "holiday.zip/../../climbing.jpg",
+                     "holiday.zip/broken.png", "notes.jpg", EXAMPLES[3].name]
+    assert final.total == 6 and final.ignored == 2              # notes.txt, the macOS metadata
+    assert not (tmp_path.parent / "climbing.jpg").exists() and not (tmp_path / "climbing.jpg").exists()
+    photos = [EXAMPLES[0], EXAMPLES[1], EXAMPLES[2], EXAMPLES[3]]
+    # The caption the one-photo tab shows first, for the same settings.
+    expected = [service.caption(str(p), "beam", 3, 1.0, 1.0, 3).candidates[0] for p in photos]
+    captioned = [row for row in final.rows if "caption" in row]
+    assert [[row["caption"], round(row["score"], 2)] for row in captioned] == expected
+    errors = {row["image"]: row["error"] for row in final.rows if "error" in row}
+    assert set(errors) == {"holiday.zip/broken.png", "notes.jpg"}
+    assert all(error.startswith("not an image") for error in errors.values())
+    assert "4 captioned, 2 could not be captioned" in final.summary() and "2 files in zips ignored" in final.summary()
+    # The downloads are the batch CLI's rows, in its CSV and JSON Lines formats.
+    csv_rows, jsonl_rows = read_downloads(final.downloads)
+    assert jsonl_rows == final.rows
+    assert list(csv_rows[0]) == ["image", "caption", "score", "error"]
+    assert [r["image"] for r in csv_rows] == names and csv_rows[3]["error"] == errors["holiday.zip/broken.png"]
+    table = final.table()
+    assert [row[0] for row in table] == names and table[3][2] is None and table[3][3] == errors["holiday.zip/broken.png"]
+
+
+def test_caption_many_refuses_what_cannot_start(tiny_captioner, monkeypatch):
+    service = CaptionService(tiny_captioner)
+    for files, message in [(None, "No photos"), ([], "No photos")]:
+        with pytest.raises(BadRequest, match=message):
+            list(service.caption_many(files))
+    with pytest.raises(BadRequest, match="Beam size"):
+        list(service.caption_many([str(EXAMPLES[0])], "beam", 0))
+    monkeypatch.setattr(webapp, "MAX_PHOTOS", 2)
+    with pytest.raises(BadRequest, match="at most 2"):
+        list(service.caption_many([str(p) for p in EXAMPLES[:3]]))
+    with pytest.raises(gr.Error, match="at most 2"):
+        list(service.handle_many([str(p) for p in EXAMPLES[:3]], "beam", 3, 1.0, 1.0, 3))
+
+
+def test_zips_are_untrusted(tmp_path, monkeypatch):
+    """No path from the zip is used on disk; limits on entries and uncompressed size hold even
+    when the zip lies about sizes; links, corrupt data and non-zips are error rows."""
+    photo = EXAMPLES[0].read_bytes()
+    work = tmp_path / "work"
+    work.mkdir()
+    outside = tmp_path / "outside"
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("../outside/escaped.jpg", photo)
+        zf.writestr(f"{tmp_path}/outside/absolute.jpg", photo)
+        link = zipfile.ZipInfo("link.jpg")
+        link.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(link, "/etc/passwd")
+    uploads = collect_uploads([str(archive)], work, max_photos=10)
+    assert [u.name for u in uploads.items] == ["evil.zip/../outside/escaped.jpg",
+                                              f"evil.zip/{tmp_path}/outside/absolute.jpg", "evil.zip/link.jpg"]
+    assert not outside.exists()
+    for upload in uploads.items[:2]:
+        assert Path(upload.path).resolve().parent.parent == work.resolve()
+        assert Path(upload.path).read_bytes() == photo
+    assert uploads.items[2].path is None and "symbolic link" in uploads.items[2].error
+
+    monkeypatch.setattr(uploads_module, "MAX_ZIP_MEMBERS", 3)
+    many = photo_zip(tmp_path / "many.zip", {f"{i}.jpg": photo for i in range(4)})
+    (row,) = collect_uploads([str(many)], work, max_photos=10).items
+    assert row.path is None and "4 entries; the limit is 3" in row.error
+
+    monkeypatch.setattr(uploads_module, "MAX_ZIP_BYTES", 2**20)
+    bomb = photo_zip(tmp_path / "bomb.zip", {"zeros.bmp": bytes(2 * 2**20)})
+    with zipfile.ZipFile(bomb) as zf:
+        assert zf.infolist()[0].compress_size < 20_000
+    (row,) = collect_uploads([str(bomb)], work, max_photos=10).items
+    assert row.path is None and "the limit is 1 MB" in row.error
+    # A zip that understates a member's size: zipfile stops at the declared size, the CRC fails.
+    liar = bytearray(photo_zip(tmp_path / "liar.zip", {"big.bmp": bytes(2 * 2**20)}).read_bytes())
+    central = liar.rfind(b"PK\x01\x02")
+    liar[central + 24:central + 28] = struct.pack("<I", 1000)             # uncompressed size: 1000
+    (tmp_path / "liar.zip").write_bytes(bytes(liar))
+    (row,) = collect_uploads([str(tmp_path / "liar.zip")], work, max_photos=10).items
+    assert row.path is None and row.error
+
+    (tmp_path / "fake.zip").write_bytes(b"PK not really")
+    (row,) = collect_uploads([str(tmp_path / "fake.zip")], work, max_photos=10).items
+    assert row.path is None and "not a zip file that can be read" in row.error
+    empty = photo_zip(tmp_path / "text.zip", {"readme.txt": b"hi"})
+    uploads = collect_uploads([str(empty)], work, max_photos=10)
+    assert [(u.path, u.error) for u in uploads.items] == [(None, "no images in this zip")] and uploads.ignored == 1
+
+
+def test_served_caption_many_through_gradio_client(tiny_captioner, many_uploads):
+    service = CaptionService(tiny_captioner)
+    expected = list(service.caption_many(many_uploads, "greedy", 3, 1.0, 1.0, 1))[-1]
+    with running_app(tiny_captioner) as (_, url):
+        client = Client(url, verbose=False)
+        table, csv_file, jsonl_file, summary = client.predict(
+            [handle_file(p) for p in many_uploads], "greedy", api_name="/caption_many")
+        assert [row[:2] for row in table["data"]] == [row[:2] for row in expected.table()]
+        assert table["headers"] == webapp.MANY_HEADERS
+        assert read_downloads((csv_file, jsonl_file))[1] == expected.rows
+        assert "4 captioned, 2 could not be captioned" in summary
+        with pytest.raises(AppError, match="No photos"):
+            client.predict([], api_name="/caption_many")
+        # More photos than one engine batch: image-reading processes start from the server.
+        assert len(EXAMPLES) * 2 > webapp.MANY_BATCH
+        twice = photo_zip(many_uploads_dir(many_uploads) / "twice.zip",
+                          {f"{round}/{p.name}": p for round in ("a", "b") for p in EXAMPLES})
+        table, _, jsonl_file, summary = client.predict([handle_file(str(twice))], "greedy", api_name="/caption_many")
+        captions = [row[1] for row in table["data"]]
+        assert len(captions) == 2 * len(EXAMPLES) and captions[:len(EXAMPLES)] == captions[len(EXAMPLES):]
+        assert captions[0] == expected.rows[0]["caption"] and f"{2 * len(EXAMPLES)} captioned" in summary
+        # the one-photo endpoint still answers beside it
+        assert client.predict(handle_file(str(EXAMPLES[0])), api_name="/caption")[0]
