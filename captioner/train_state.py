@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ import torch.distributed as dist
 
 from .checkpoint import fingerprint, read_checkpoint, save_tensors
 from .config import DataConfig, ModelConfig, TrainConfig, to_dict
-from .datasets import ImageCaptions
+from .datasets import ImageCaptions, validation_split
 from .distributed import World
 from .init_from import ARCHITECTURE, option_name
 
@@ -37,8 +38,13 @@ def resume_differences(meta: dict, cfg: TrainConfig, data_cfg: DataConfig, model
     and data, one entry per difference naming the option. Path options (--data-root ...) are not
     saved: the data's digest and the starting checkpoint's sha256 stand for them."""
     info = meta.get("info", {})
+    saved_data, now_data = dict(info.get("data", {})), to_dict(data_cfg)
+    if "val_split" in saved_data:
+        # Compared as the split each names: "dev" then, None (the dataset's own: dev) now.
+        saved_data["val_split"] = validation_split(replace(data_cfg, val_split=saved_data["val_split"]))
+        now_data["val_split"] = validation_split(data_cfg)
     changes = []
-    for saved, now in ((info.get("train", {}), to_dict(cfg)), (info.get("data", {}), to_dict(data_cfg)),
+    for saved, now in ((info.get("train", {}), to_dict(cfg)), (saved_data, now_data),
                        (meta["model"], {k: getattr(model_cfg, k) for k in ARCHITECTURE + ("dropout",)})):
         for name, value in now.items():
             if name in saved and name not in RESUME_MAY_CHANGE and saved[name] != value:

@@ -160,6 +160,16 @@ def test_prepare_builds_the_memory_mapped_cache_that_training_reads(tmp_path, ca
     assert trainer.data.train_features.shape == (4, 1280) and trainer.data.val_usable.tolist() == [True]
     assert sorted(p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")) == files
 
+    # The recipe's pair: prepare --flip-augment caches the mirrored photos train --flip-augment reads.
+    monkeypatch.undo()
+    assert cli.main(["prepare", "--dataset", "coco", "--data-root", str(COCO_TINY), "--karpathy-json", str(split),
+                     "--cache-dir", str(tmp_path / "cache"), "--num-workers", "0", "--flip-augment"]) == 0
+    assert "train mirrored: 4 of 4 images cached" in capsys.readouterr().out
+    monkeypatch.setattr(features, "image_loader", no_encoding)
+    flipped = Trainer(*small_configs(tmp_path, split, flip_augment=True))
+    assert flipped.data.mirrored_features.shape == (4, 1280)
+    assert not np.array_equal(flipped.data.mirrored_features, flipped.data.train_features)
+
 
 # -- resumable checkpoint --------------------------------------------------------------------
 @requires_java
@@ -447,3 +457,16 @@ def test_an_unreadable_photo_while_fine_tuning_is_skipped_and_counted(tmp_path):
         trainer.fit()
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["unreadable_images"] == 5 and record["train_loss"] > 0      # its 5 captions
+
+
+def test_a_training_state_from_before_names_its_validation_split_as_now():
+    """Runs saved val_split "dev" for Flickr8k; the command line now leaves it None (the
+    dataset's own validation split, dev): the same run, so resuming it is not refused."""
+    from captioner.train_state import resume_differences
+
+    cfg, model_cfg = TrainConfig(), ModelConfig()
+    data_cfg = DataConfig(dataset="flickr8k", data_root="f8k", val_split=None)
+    meta = {"model": vars(model_cfg), "info": {"train": vars(cfg), "data": {**vars(data_cfg), "val_split": "dev"}}}
+    assert resume_differences(meta, cfg, data_cfg, model_cfg, None, "digest") == []
+    meta["info"]["data"]["val_split"] = "test"
+    assert resume_differences(meta, cfg, data_cfg, model_cfg, None, "digest") == ["--val-split was test, now dev"]
