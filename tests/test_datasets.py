@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from captioner.config import PreprocessConfig
 from captioner.datasets import CaptionTokens, ImageCaptions, holdout_split, load_coco, load_flickr8k, pad_tokens
+from captioner.preprocess import preprocess
 from captioner.vocab import Vocabulary
 
 FLICKR_TEST = ["2654514044_a70a6e2c21.jpg", "1258913059_07c613f7ff.jpg",
