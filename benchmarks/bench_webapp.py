@@ -12,7 +12,10 @@ and reply, a function that returns a constant caption) in another. Then:
 Targets: median (1) app - floor <= 40 ms on 2 cores (issue 10), app <= 300 ms (issue 5);
 (2) 80 requests at concurrency 8, no error.
 
-    .venv/bin/python benchmarks/bench_webapp.py [--checkpoint checkpoints/model.safetensors]
+--decoders 3 serves an ensemble of three copies of the checkpoint (captioner.ensemble.ensemble_of,
+written to a temporary file): what a 3-decoder model would cost (each step runs every decoder).
+
+    .venv/bin/python benchmarks/bench_webapp.py [--checkpoint checkpoints/model.safetensors] [--decoders 3]
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,6 +38,7 @@ import torch  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
 from captioner.api import Captioner, default_checkpoint  # noqa: E402
+from captioner.ensemble import ensemble_of  # noqa: E402
 from captioner.webapp import example_images  # noqa: E402
 
 LATENCY_TARGET_MS = 300
@@ -145,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--single", type=int, default=40, help="sequential requests for the latency")
     parser.add_argument("--requests", type=int, default=80)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--decoders", type=int, default=1,
+                        help="serve an ensemble of this many copies of the checkpoint's decoder")
     parser.add_argument("--floor-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.floor_server:
@@ -158,6 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     if not photos:
         raise SystemExit("no example photos in examples/")
 
+    with tempfile.TemporaryDirectory(prefix="bench-webapp-") as folder:
+        if args.decoders > 1:
+            copies = [Captioner.load(args.checkpoint, fast=False) for _ in range(args.decoders)]
+            args.checkpoint = str(ensemble_of(copies, [f"copy {i}" for i in range(args.decoders)]).save(
+                Path(folder) / f"ensemble{args.decoders}.safetensors", half=True))
+        return measure(args, photos)
+
+
+def measure(args, photos: list[str]) -> int:
     print(machine())
     print(f"checkpoint {args.checkpoint}; {len(photos)} example photos "
           f"({', '.join(Path(p).name for p in photos)})")
