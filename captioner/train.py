@@ -102,6 +102,10 @@ class Trainer:
         resume = self.build_model(model_cfg)
         self.data = TrainingData(self.captioner, self.vocab, self.train_records, self.val_records, data_cfg, cfg,
                                  self.world, self.device)
+        # The training captions live on as token ids (self.data.tokens): their text goes, the
+        # records keep their paths; ~230 MB less in every process at COCO size (bench_train_scale).
+        for record in self.train_records:
+            record.captions = []
         self.optim = Optimisation(self.decoder, self.captioner.encoder, cfg, self.device, self.data.steps_per_epoch)
         self.log = RunLog(self.out, writes=self.world.is_main)
         # Dropout masks differ between ranks, as they do between the items of one big batch. Seeded
