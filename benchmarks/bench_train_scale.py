@@ -18,15 +18,17 @@ The set needs no photos. In WORKDIR (built once, reused when it matches the opti
   cache/                               the feature cache entries `captioner train` looks up for
                                        these records (random fp16 features, N x 1280), named by the
                                        package's own cache_key/cache_files over the records that
-                                       training_records gives, as `captioner prepare` names them
+                                       training_records gives and the CNN's weights, as `captioner
+                                       prepare` names them (written again when the key changes)
 
 For each size and process count, a fresh process (or torchrun with 2) runs the real Trainer on
 that set (`--dataset coco --train-split train2017 --val-split val2017`, batch 128, the default
 512-unit decoder), takes --warmup steps, then times --steps steps. Reported per row:
 
   records / vocabulary / tokens   seconds in load_split (train + val: COCO JSON through
-                                  pycocotools), Vocabulary.build and CaptionTokens, timed by wrapping the functions the trainer calls
-                                  (the only change to its code path)
+                                  pycocotools), Vocabulary.build and CaptionTokens, timed by
+                                  wrapping the functions the trainer calls (the only change to
+                                  its code path)
   first batch                     seconds from launching the command to the first training batch
                                   in hand (slowest rank): imports, records, vocabulary, model,
                                   cache lookup, tokens, DDP set-up
@@ -123,16 +125,24 @@ def coco_json(image_ids: np.ndarray, captions: list[str], per_image: int) -> dic
 
 def build_set(workdir: Path, sizes: list[int], val_images: int, vocab_words: int, seed: int = 0
               ) -> None:
-    """Placeholders, caption JSON per size and the feature cache entries; skipped when WORKDIR
-    already holds a set built with the same options for these sizes (or more)."""
-    from captioner.config import DataConfig, ModelConfig, TrainConfig
-
+    """Placeholders and caption JSON per size (skipped when WORKDIR already holds them, built with
+    the same options for these sizes or more), then the feature cache entries the trainer would
+    look up now, where missing (a new key after a change to the package builds new ones)."""
     stamp = workdir / "built.json"
     wanted = {"val_images": val_images, "vocab_words": vocab_words, "seed": seed}
-    if stamp.is_file():
-        built = json.loads(stamp.read_text())
-        if set(sizes) <= set(built.pop("sizes")) and built == wanted:
-            return
+    built = json.loads(stamp.read_text()) if stamp.is_file() else {"sizes": []}
+    if not (set(sizes) <= set(built.pop("sizes")) and built == wanted):
+        build_captions(workdir, sizes, val_images, vocab_words, seed)
+        stamp.write_text(json.dumps({"sizes": sizes, **wanted}))
+    started = time.perf_counter()
+    written = sum(write_feature_cache(data_root(workdir, n), workdir / "cache", np.random.default_rng([seed, n]))
+                  for n in sizes)
+    if written:
+        print(f"wrote {written} feature cache entries in {workdir} ({time.perf_counter() - started:.0f} s)",
+              file=sys.stderr)
+
+
+def build_captions(workdir: Path, sizes: list[int], val_images: int, vocab_words: int, seed: int) -> None:
     started = time.perf_counter()
     per_image, rng = 5, np.random.default_rng(seed)
     total = max(sizes) + val_images
@@ -158,11 +168,8 @@ def build_set(workdir: Path, sizes: list[int], val_images: int, vocab_words: int
                    coco_json(train_ids[:n], train_captions[: n * per_image], per_image))
         write_json(root / "annotations" / f"captions_{VAL_SPLIT}.json",
                    coco_json(val_ids, val_captions, per_image))
-        data_cfg = DataConfig(dataset="coco", data_root=str(root), train_split=TRAIN_SPLIT,
-                              val_split=VAL_SPLIT)
-        write_feature_cache(ModelConfig(), data_cfg, TrainConfig(cache_dir=str(workdir / "cache")), rng)
-    stamp.write_text(json.dumps({"sizes": sizes, **wanted}))
-    print(f"built the synthetic set in {workdir} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    print(f"wrote the captions of the synthetic set in {workdir} ({time.perf_counter() - started:.0f} s)",
+          file=sys.stderr)
 
 
 def data_root(workdir: Path, n: int) -> Path:
@@ -175,22 +182,29 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def write_feature_cache(model_cfg, data_cfg, train_cfg, rng: np.random.Generator) -> None:
-    """Random fp16 features for the records `captioner train` reads, under the name the trainer
-    looks up: the records come from training_records, the key from the package's cache_key over
-    the same backbone, weights and preprocessing as `captioner prepare` (prepare_features) uses."""
+def write_feature_cache(root: Path, cache_dir: Path, rng: np.random.Generator) -> int:
+    """Random fp16 features for the records `captioner train` reads from root, under the name the
+    trainer looks up (unless there already): the records come from training_records, the key from
+    the package's cache_key over the same backbone, weights and preprocessing as `captioner
+    prepare` (prepare_features) uses. Returns the number of entries written."""
+    from captioner.config import DataConfig, ModelConfig, TrainConfig
     from captioner.encoder import build_backbone, encoder_digest
     from captioner.features import cache_files, cache_key
     from captioner.train import training_records
 
+    model_cfg = ModelConfig()
+    data_cfg = DataConfig(dataset="coco", data_root=str(root), train_split=TRAIN_SPLIT, val_split=VAL_SPLIT)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        train, val = training_records(data_cfg, train_cfg)
+        train, val = training_records(data_cfg, TrainConfig())
     backbone = build_backbone(model_cfg.backbone, pretrained=True)
     weights = encoder_digest(backbone.module)
+    written = 0
     for records in (train, val):
         key = cache_key(model_cfg.backbone, backbone.preprocess, [r.path for r in records], weights=weights)
-        array_path, done_path = cache_files(train_cfg.cache_dir, key)
+        array_path, done_path = cache_files(cache_dir, key)
+        if done_path.is_file():
+            continue
         array_path.parent.mkdir(parents=True, exist_ok=True)
         features = np.lib.format.open_memmap(array_path, mode="w+", dtype=np.float16,
                                              shape=(len(records), backbone.feature_dim))
@@ -200,6 +214,8 @@ def write_feature_cache(model_cfg, data_cfg, train_cfg, rng: np.random.Generator
         features.flush()
         del features
         done_path.write_text(json.dumps({"ok": [True] * len(records)}))
+        written += 1
+    return written
 
 
 # ---------------------------------------------------------------------------------------------
