@@ -75,7 +75,7 @@ def test_caption_with_a_hostile_checkpoint_exits_2_with_one_line(hostile, photo,
 
 
 @pytest.mark.filterwarnings("ignore:Flickr8k .* skipped:UserWarning")   # the fixture's messy cases
-@pytest.mark.parametrize("command", ["evaluate", "serve", "combine", "train --resume"])
+@pytest.mark.parametrize("command", ["evaluate", "serve", "combine", "train --resume", "train --init-from"])
 def test_every_command_refuses_a_hostile_checkpoint_in_one_line(capsys, hostile, tiny_checkpoint,
                                                                  flickr8k_tiny, tmp_path, command):
     if command == "evaluate":
@@ -85,6 +85,9 @@ def test_every_command_refuses_a_hostile_checkpoint_in_one_line(capsys, hostile,
         argv = ["serve", "--checkpoint", hostile, "--port", "0"]
     elif command == "combine":
         argv = ["combine", tiny_checkpoint, hostile, "-o", tmp_path / "ensemble.safetensors"]
+    elif command == "train --init-from":
+        argv = ["train", "--dataset", "flickr8k", "--data-root", flickr8k_tiny, "--output", tmp_path / "run",
+                "--init-from", hostile, "--epochs", "1", "--num-workers", "0", "--cache-dir", tmp_path / "cache"]
     else:
         # a training run whose last.safetensors (a training state) was replaced by a hostile one
         run = tmp_path / "run"
