@@ -19,16 +19,14 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_caption import machine, run_cli  # noqa: E402
+from bench_caption import FLICKR8K, machine, run_cli, test_records  # noqa: E402
 from captioner.api import Captioner, default_checkpoint  # noqa: E402
-from captioner.datasets import load_flickr8k  # noqa: E402
 
 MAX_SLOWDOWN_ONE_PHOTO = 2.0
 MIN_BATCH_THROUGHPUT = 0.6
@@ -38,16 +36,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--old", required=True, help="the model to compare against")
     parser.add_argument("--new", default=str(default_checkpoint()))
-    parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "flickr8k"))
+    parser.add_argument("--data-root", default=FLICKR8K)
     parser.add_argument("--photos", type=int, default=30, help="photos for the one-photo latency")
     parser.add_argument("--images", type=int, default=200, help="photos for the batch CLI")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    if not Path(args.data_root).is_dir():
-        sys.exit(f"no Flickr8k at {args.data_root} (--data-root)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        records = load_flickr8k(args.data_root, "test")
+    records = test_records(args.data_root)
     print(machine())
     models = {"old": args.old, "new": args.new}
     for name, path in models.items():

@@ -74,11 +74,11 @@ class CaptionDecoder(nn.Module):
         return outputs                                                       # (B, T, H)
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """One decoding step. tokens (N,), state batch-first (N, L, H) x 2 -> logprobs (N, V).
-
-        The LSTM's step is written out as two matrix products per layer (the same weights and
-        equations as nn.LSTM, equal to 1e-6): for the few rows of decoding, calling nn.LSTM costs
-        ~1.5x more on CPU (its oneDNN path prepares the weights on every call)."""
+        """One decoding step of this decoder alone. tokens (N,), state batch-first (N, L, H) x 2
+        -> logprobs (N, V). Decoding runs DecoderStack (below), the inference form of this step;
+        this one is its reference, which DecoderStack must equal bitwise (tests/test_model.py,
+        benchmarks/bench_decoding.py). The LSTM step is written out as two matrix products per
+        layer, the same weights and equations as nn.LSTM (equal to 1e-6)."""
         x = self.embed(tokens)                                               # (N, E)
         h_out, c_out = [], []
         for layer in range(self.cfg.num_layers):
