@@ -35,7 +35,7 @@ from .checkpoint import atomic_write, fingerprint, read_checkpoint, resolve_chec
 from .config import DecodeConfig, PreprocessConfig, to_dict, with_overrides
 from .engine import DEFAULT_WORKERS, read_images, torch_threads
 from .fast_encoder import FastEncoderWarning, cpu_count
-from .outputs import Gallery, PhotoOutputs, caption_row, read_gallery
+from .outputs import Gallery, PhotoOutputs, caption_row, error_row, read_gallery
 from .preprocess import NotAnImage
 
 FIELDS = ("image", "caption", "score", "error")     # CSV columns; JSON rows use the same keys
@@ -446,7 +446,7 @@ def run(checkpoint: Path, todo: list[Candidate], args, writer: RowWriter, report
             if isinstance(error, NotAnImage) and not todo[i].expected:
                 ignored += 1         # notes.txt in a folder: not an image, and not meant as one
                 continue
-            rows[i] = {"image": todo[i].path, "error": error.reason}
+            rows[i] = error_row(todo[i].path, error.reason)
             reporter.warn(f"{todo[i].path}: {error.reason}")
             failed += 1
         writer.write([rows[i] for i in sorted(rows)])

@@ -243,6 +243,11 @@ def caption_row(image: str, caption, words: bool = False) -> dict[str, Any]:
     return row
 
 
+def error_row(image: str, reason: str) -> dict[str, Any]:
+    """One output row for an input that could not be captioned."""
+    return {"image": image, "error": reason}
+
+
 # ---------------------------------------------------------------------------------------------
 # The HTML contact sheet
 THUMBNAIL_SIZE = 200          # longest side in pixels

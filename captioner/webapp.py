@@ -29,7 +29,7 @@ import torch
 from .api import Caption, Captioner, default_checkpoint
 from .batch import RowWriter
 from .checkpoint import CheckpointError
-from .outputs import caption_row, confidence_color
+from .outputs import caption_row, confidence_color, error_row
 from .preprocess import MAX_PIXELS, ImageLoadError, ImageTooLarge, NotAnImage
 from .uploads import UploadError, collect_uploads, remove_tree
 
@@ -169,11 +169,6 @@ def upload_paths(files: Any) -> list[str]:
     if not files or not isinstance(files, (list, tuple)):
         raise BadRequest("No photos: add photos or a zip of photos first.")
     return [upload_path(f) for f in files]
-
-
-def error_row(name: str, reason: str) -> dict[str, Any]:
-    """The batch CLI's row for an input that could not be captioned."""
-    return {"image": name, "error": reason}
 
 
 @dataclass
