@@ -110,23 +110,24 @@ def main() -> None:
         best = trials[candidate]
 
     best_cfg = beam3
+    label = " + ".join(chosen)          # one decoder or an ensemble: rows name what they decode with
     for alpha in LENGTH_PENALTIES:
         for ngram in NGRAM_BLOCKING:
             cfg = dataclasses.replace(beam3, length_penalty=alpha, no_repeat_ngram_size=ngram)
             if cfg == beam3:
                 continue      # scored during the selection
-            value = score(f"ensemble, beam 3 lp {alpha} no-repeat {ngram}", chosen, cfg)
+            value = score(f"{label}, beam 3 lp {alpha} no-repeat {ngram}", chosen, cfg)
             if value > best:
                 best, best_cfg = value, cfg
     # Ablation rows only: the default stays beam 3 (the path the quality bar is measured on) and
     # flip averaging doubles the CNN's cost.
-    score("ensemble, beam 5 (ablation)", chosen, dataclasses.replace(best_cfg, beam_size=5))
+    score(f"{label}, beam 5 (ablation)", chosen, dataclasses.replace(best_cfg, beam_size=5))
     mirrored, mirrored_usable = cached_features(encode, first.model_cfg.backbone, first.preprocess_cfg, paths,
                                                 args.cache_dir, variant="hflip", transform=hflip, progress=False,
                                                 weights=weights)
     if mirrored_usable[rows].all():
         averaged = (feats + torch.from_numpy(np.asarray(mirrored[rows], dtype=np.float32))) / 2
-        score("ensemble, flip-averaged features (ablation)", chosen, best_cfg, averaged)
+        score(f"{label}, flip-averaged features (ablation)", chosen, best_cfg, averaged)
 
     report["chosen"] = {"members": chosen, "decode": dataclasses.asdict(best_cfg), "objective": best}
     Path(args.report).write_text(json.dumps(report, indent=1))
