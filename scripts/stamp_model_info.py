@@ -11,6 +11,7 @@ import dataclasses
 import json
 
 from captioner import Captioner
+from captioner.config import check_config
 
 
 def main() -> None:
@@ -22,6 +23,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="any other info entry")
     parser.add_argument("--decode", action="append", default=[], metavar="FIELD=JSON",
                         help="default decoding setting stored in the checkpoint, e.g. length_penalty=0.5")
+    parser.add_argument("--preprocess", action="append", default=[], metavar="FIELD=JSON",
+                        help='image preprocessing stored in the checkpoint, e.g. resize=\'"center_crop"\'')
     parser.add_argument("--half", action="store_true", help="store weights as fp16")
     args = parser.parse_args()
 
@@ -40,6 +43,9 @@ def main() -> None:
     for item in args.decode:
         key, value = item.split("=", 1)
         captioner.decode_cfg = dataclasses.replace(captioner.decode_cfg, **{key: json.loads(value)})
+    for item in args.preprocess:
+        key, value = item.split("=", 1)
+        captioner.preprocess_cfg = check_config(dataclasses.replace(captioner.preprocess_cfg, **{key: json.loads(value)}))
     captioner.save(args.checkpoint, half=args.half, info=info)
     print(json.dumps({**captioner.info, **info}, indent=1)[:2000])
 

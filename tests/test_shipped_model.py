@@ -33,12 +33,12 @@ def test_default_checkpoint_is_the_shipped_file():
 
 def test_shipped_model_describes_its_header(shipped):
     assert shipped.model_cfg.backbone == "efficientnet_lite1"
-    assert shipped.preprocess_cfg.image_size == 240
+    assert shipped.preprocess_cfg.image_size == 240 and shipped.preprocess_cfg.resize == "center_crop"
     assert shipped.decode_cfg.method == "beam" and shipped.decode_cfg.beam_size == 3
     # Round three's model: better than round one's (0.203 / 0.196 / 0.474) on test, as measured
     # by `captioner evaluate` and recorded in the header by the recipe.
     scores = shipped.info["test_scores"]
-    assert scores["BLEU-4"] >= 0.205 and scores["METEOR"] >= 0.200 and scores["CIDEr"] >= 0.50
+    assert scores["BLEU-4"] >= 0.21 and scores["METEOR"] >= 0.20 and scores["CIDEr"] >= 0.51
 
 
 @pytest.mark.parametrize("name,words", sorted(EXPECTED.items()))
