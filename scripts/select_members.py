@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +31,10 @@ import torch
 from captioner import Captioner
 from captioner.config import DecodeConfig
 from captioner.datasets import load_flickr8k
-from captioner.encoder import encoder_digest
+from captioner.distributed import World
 from captioner.ensemble import ensemble_of
 from captioner.evaluate import score_captions
-from captioner.fast_encoder import make_encode_fn
-from captioner.features import cached_features, hflip
+from captioner.features import feature_cache
 
 BAR = {"BLEU-4": 0.215, "METEOR": 0.203, "CIDEr": 0.52}
 LENGTH_PENALTIES = (0.3, 0.5, 0.7, 1.0)
@@ -62,19 +62,11 @@ def main() -> None:
     first = members[names[0]]
     records = load_flickr8k(args.data_root, args.split)
     records = records[: args.images] if args.images else records
-    paths = [r.path for r in records]
-
-    encoder = []
-
-    def encode(images: torch.Tensor) -> torch.Tensor:
-        # Only when the cache misses (training cached the dev photos, not their mirror images).
-        if not encoder:
-            encoder.append(make_encode_fn(first.encoder, first.preprocess_cfg))
-        return encoder[0](images)
-
-    weights = encoder_digest(first.encoder)
-    features, usable = cached_features(encode, first.model_cfg.backbone, first.preprocess_cfg, paths,
-                                       args.cache_dir, progress=False, weights=weights)
+    # The training feature cache, as training keys it (the first member's CNN); encoded here
+    # only when it misses (training cached the dev photos, not their mirror images).
+    features_of = partial(feature_cache, first.encoder, first.model_cfg.backbone, first.preprocess_cfg, records,
+                          Path(args.cache_dir), World(), torch.device("cpu"), num_workers=2)
+    features, usable = features_of()
     rows = [i for i in range(len(records)) if usable[i]]
     refs = {records[i].image_id: records[i].captions for i in rows}
     feats = torch.from_numpy(np.asarray(features[rows], dtype=np.float32))        # (N, D)
@@ -122,9 +114,7 @@ def main() -> None:
     # Ablation rows only: the default stays beam 3 (the path the quality bar is measured on) and
     # flip averaging doubles the CNN's cost.
     score(f"{label}, beam 5 (ablation)", chosen, dataclasses.replace(best_cfg, beam_size=5))
-    mirrored, mirrored_usable = cached_features(encode, first.model_cfg.backbone, first.preprocess_cfg, paths,
-                                                args.cache_dir, variant="hflip", transform=hflip, progress=False,
-                                                weights=weights)
+    mirrored, mirrored_usable = features_of(flipped=True)
     if mirrored_usable[rows].all():
         averaged = (feats + torch.from_numpy(np.asarray(mirrored[rows], dtype=np.float32))) / 2
         score(f"{label}, flip-averaged features (ablation)", chosen, best_cfg, averaged)
