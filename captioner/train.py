@@ -87,7 +87,6 @@ class EndToEnd(nn.Module):
         return self
 
 
-
 # ---------------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig,

@@ -79,7 +79,7 @@ class AugmentedImages(ImageInputs):
     `epoch` is set by the trainer before each epoch's loader starts (workers get a copy then)."""
 
     def __init__(self, tokens: CaptionTokens, records: list[ImageCaptions], augment: Augment):
-        super().__init__([records[tokens[i][0]].path for i in range(len(tokens))], augment.cfg)
+        super().__init__([records[row].path for row in tokens.rows], augment.cfg)
         self.augment = augment
         self.epoch = 0
 
@@ -122,8 +122,6 @@ def image_batch(batch, tokens: CaptionTokens, pad_id: int):
     indices, images, errors = collate_images(batch)
     ids = pad_tokens([tokens[i][1] for i in indices], pad_id) if indices else None
     return images, ids, errors
-
-
 
 
 class TrainingData:

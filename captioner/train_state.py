@@ -58,8 +58,6 @@ def resume_differences(meta: dict, cfg: TrainConfig, data_cfg: DataConfig, model
     return changes
 
 
-
-
 def read_training_state(out: Path, world: World) -> tuple[dict[str, torch.Tensor], dict] | None:
     """The tensors and header of OUTPUT/last.safetensors (checked as untrusted), None if absent."""
     path = out / LAST_FILE
