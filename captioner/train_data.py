@@ -17,12 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .api import Captioner
 from .config import DataConfig, PreprocessConfig, TrainConfig
 from .datasets import CaptionTokens, ImageCaptions, pad_tokens
 from .distributed import World
+from .encoder import LiteTop, split_for_top_tuning
 from .features import default_cache_dir, feature_cache
 from .preprocess import ImageInputs, collate_images, open_image
 from .vocab import Vocabulary
@@ -124,19 +126,30 @@ def image_batch(batch, tokens: CaptionTokens, pad_id: int):
     return images, ids, errors
 
 
+def cached_part(encoder: nn.Module, backbone: str, cfg: TrainConfig, image_size: int
+                ) -> tuple[nn.Module, str, LiteTop | None]:
+    """What the feature cache of a run holds: (the module that computes it, its name, the trained
+    top). The CNN's pooled features; with fine_tune_top, the activations entering the top blocks,
+    which the top (sharing the CNN's modules) turns into features at every step."""
+    if not cfg.fine_tune_top:
+        return encoder, backbone, None
+    bottom, top = split_for_top_tuning(encoder, cfg.fine_tune_top, image_size)
+    return bottom, f"{backbone} below its last {cfg.fine_tune_top} blocks", top
+
+
 class TrainingData:
     """The feature caches (built or read), the token dataset, the sampler and the two loaders:
-    cached features while the CNN is frozen, augmented photos once it is fine-tuned."""
+    cached features (or, with fine_tune_top, activations below the top) while the CNN is frozen,
+    augmented photos once it is fine-tuned. `cached` is cached_part's module and name."""
 
     def __init__(self, captioner: Captioner, vocab: Vocabulary, train: list[ImageCaptions],
                  val: list[ImageCaptions], data_cfg: DataConfig, cfg: TrainConfig, world: World,
-                 device: torch.device):
+                 device: torch.device, cached: tuple[nn.Module, str]):
         if cfg.batch_size % world.size:
             raise ValueError(f"--batch-size {cfg.batch_size} is the global batch: it must be a "
                              f"multiple of the number of processes ({world.size})")
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-        features = partial(feature_cache, captioner.encoder, captioner.model_cfg.backbone,
-                           captioner.preprocess_cfg, cache_dir=cache_dir, world=world,
+        features = partial(feature_cache, *cached, captioner.preprocess_cfg, cache_dir=cache_dir, world=world,
                            device=device, num_workers=cfg.num_workers)
         # Cached features train the decoder while the CNN is frozen (when fine-tuning: the settling
         # epochs), and their mask of readable images decides which images fine-tuning reads.

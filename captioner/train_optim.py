@@ -71,12 +71,13 @@ def same_layout(saved, expected) -> bool:
 class Optimisation:
     """One optimiser step from an objective, at the scheduled learning rate."""
 
-    def __init__(self, decoder: nn.Module, encoder: nn.Module, cfg: TrainConfig, device: torch.device,
+    def __init__(self, decoder: nn.Module, cnn: nn.Module, cfg: TrainConfig, device: torch.device,
                  steps_per_epoch: int):
+        """cnn: the part of the CNN that trains (all of it, or the top with fine_tune_top)."""
         self.cfg = cfg
         groups = [{"params": list(decoder.parameters()), "lr": cfg.lr, "name": "decoder"}]
-        if cfg.fine_tune_cnn:
-            groups.append({"params": list(encoder.parameters()), "lr": cfg.cnn_lr, "name": "cnn"})
+        if cfg.fine_tune_cnn or cfg.fine_tune_top:
+            groups.append({"params": list(cnn.parameters()), "lr": cfg.cnn_lr, "name": "cnn"})
         self.optimizer = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
         self.params = [p for g in groups for p in g["params"]]
         # The CNN's group gets no gradients before fine-tuning starts, so Adam leaves it alone.
@@ -129,7 +130,7 @@ class Optimisation:
         except ValueError as exc:
             raise ValueError(f"{source}: its optimizer state does not fit this run (saved "
                              f"{'with' if len(meta['optimizer']['param_groups']) > 1 else 'without'} "
-                             f"--fine-tune-cnn): {exc}") from None
+                             f"--fine-tune-cnn or --fine-tune-top): {exc}") from None
         if meta.get("scaler") and self.use_amp:
             self.scaler.load_state_dict(meta["scaler"])
         if "scheduler" not in meta:

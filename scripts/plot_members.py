@@ -4,7 +4,8 @@
         runs/flickr8k/tied --out docs/training_curves.png
 
 Each argument is a run folder with the metrics.jsonl that `captioner train` writes. Label smoothing
-raises the training loss by construction, so compare the dev curves, not the loss levels.
+raises the training loss by construction, so compare the dev curves, not the loss levels. A run
+that started (--init-from) from another run's epoch N is drawn after it: `--offset NAME=N`.
 """
 from __future__ import annotations
 
@@ -28,12 +29,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--out", default="docs/training_curves.png")
+    parser.add_argument("--offset", action="append", default=[], metavar="NAME=EPOCHS",
+                        help="shift the run folder named NAME by EPOCHS (it continued from that epoch)")
     args = parser.parse_args()
+    offsets = {name: int(epochs) for name, epochs in (o.split("=", 1) for o in args.offset)}
 
     fig, (ax_loss, ax_cider) = plt.subplots(1, 2, figsize=(10, 3.8))
     for run in args.runs:
         rows = epoch_rows(run)
-        epochs = [r["epoch"] for r in rows]
+        epochs = [r["epoch"] + offsets.get(run.name, 0) for r in rows]
         ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", ms=3, label=run.name)
         ax_cider.plot(epochs, [r["val_CIDEr"] for r in rows], "o-", ms=3, label=run.name)
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy (epoch mean)", title="training loss")

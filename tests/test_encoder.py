@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from captioner.config import PreprocessConfig
-from captioner.encoder import BackboneUnavailable, build_backbone, lite_classifier
+from captioner.encoder import BackboneUnavailable, build_backbone, encoder_digest, lite_classifier, split_for_top_tuning
 from captioner.preprocess import preprocess
 
 skdata = pytest.importorskip("skimage.data", reason="scikit-image (the dev extra) ships the photos")
@@ -97,3 +97,26 @@ def test_failed_weight_download_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(api, "load_state_dict_from_url", offline)
     with pytest.raises(BackboneUnavailable, match="could not get the pretrained weights of resnet18"):
         build_backbone("resnet18", pretrained=True)
+
+
+@pytest.mark.parametrize("top_blocks, shape", [(1, (192, 7, 7)), (6, (112, 14, 14))])
+def test_top_fine_tuning_split_is_the_same_cnn_and_the_bottom_ignores_the_top(top_blocks, shape):
+    backbone = build_backbone("efficientnet_lite0", pretrained=True)
+    bottom, top = split_for_top_tuning(backbone.module, top_blocks, 224)
+    assert top.activation_shape == shape
+    image = photo("chelsea", backbone.preprocess)
+    with torch.no_grad():
+        assert bottom(image).shape == (1, shape[0] * shape[1] * shape[2])
+        assert torch.equal(top(bottom(image)), backbone.module(image))
+        before = encoder_digest(bottom)
+        top.head[0].weight.add_(1.0)              # training the top: the cache key must not move
+        assert encoder_digest(bottom) == before
+        assert not torch.equal(top(bottom(image)), build_backbone("efficientnet_lite0").module(image))
+
+
+@pytest.mark.parametrize("name, blocks, message", [
+    ("efficientnet_lite0", 0, "give 1 to 16"), ("efficientnet_lite0", 17, "give 1 to 16"),
+    ("resnet18", 1, "EfficientNet-Lite")])
+def test_top_fine_tuning_of_an_impossible_split_is_a_clear_error(no_downloads, name, blocks, message):
+    with pytest.raises(ValueError, match=message):
+        split_for_top_tuning(build_backbone(name, pretrained=False).module, blocks, 224)
