@@ -113,8 +113,8 @@ class Trainer:
         # records keep their paths; ~230 MB less in every process at COCO size (bench_train_scale).
         for record in self.train_records:
             record.captions = []
-        self.optim = Optimisation(self.decoder, self.top if self.top is not None else self.captioner.encoder, cfg, self.device,
-                                  self.data.steps_per_epoch)
+        trained_cnn = self.top if self.top is not None else self.captioner.encoder
+        self.optim = Optimisation(self.decoder, trained_cnn, cfg, self.device, self.data.steps_per_epoch)
         self.log = RunLog(self.out, writes=self.world.is_main)
         # Dropout masks differ between ranks, as they do between the items of one big batch. Seeded
         # after the feature cache: building it draws from the RNG, and a rerun finds it built.
@@ -164,7 +164,7 @@ class Trainer:
             self.captioner.decode_cfg = start.decode
             self.captioner.info["started_from"] = {"sha256": fingerprint(start.path), "vocab_size": len(start.vocab),
                                                    "dataset": start.info.get("dataset")}
-        self.captioner.encoder.requires_grad_(cfg.fine_tune_cnn)     # the top, if tuned: below
+        self.captioner.encoder.requires_grad_(cfg.fine_tune_cnn)     # (--fine-tune-top: __init__ unfreezes the top)
         self.captioner.to(self.device)
         self.vocab, self.model_cfg = vocab, self.captioner.model_cfg
         self.decoder = self.captioner.decoders[0]
