@@ -170,6 +170,14 @@ def test_prepare_builds_the_memory_mapped_cache_that_training_reads(tmp_path, ca
     assert flipped.data.mirrored_features.shape == (4, 1280)
     assert not np.array_equal(flipped.data.mirrored_features, flipped.data.train_features)
 
+    # And prepare --fine-tune-top caches the activations below the top that train --fine-tune-top reads.
+    monkeypatch.undo()
+    assert cli.main(["prepare", "--dataset", "coco", "--data-root", str(COCO_TINY), "--karpathy-json", str(split),
+                     "--cache-dir", str(tmp_path / "cache"), "--num-workers", "0", "--fine-tune-top", "2"]) == 0
+    monkeypatch.setattr(features, "image_loader", no_encoding)
+    top = Trainer(*small_configs(tmp_path, split, fine_tune_top=2))
+    assert top.data.train_features.shape == (4, 192 * 7 * 7) and top.data.val_features.shape == (1, 192 * 7 * 7)
+
 
 # -- resumable checkpoint --------------------------------------------------------------------
 @requires_java
