@@ -66,10 +66,7 @@ class LiteBottom(nn.Module):
         self.drop_rates = drop_connect_rates(net)[: len(self.blocks)]
 
     def maps(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.stem(images)
-        for block, rate in zip(self.blocks, self.drop_rates):
-            x = block(x, drop_connect_rate=rate)
-        return x                                                                # (B, C, h, w)
+        return run_blocks(self.blocks, self.drop_rates, self.stem(images))     # (B, C, h, w)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.maps(images).flatten(1)                                     # (B, C*h*w)
@@ -89,10 +86,15 @@ class LiteTop(nn.Module):
         self.activation_shape = activation_shape
 
     def forward(self, activations: torch.Tensor) -> torch.Tensor:
-        x = activations.view(-1, *self.activation_shape)                        # (B, C, h, w)
-        for block, rate in zip(self.blocks, self.drop_rates):
-            x = block(x, drop_connect_rate=rate)
+        x = run_blocks(self.blocks, self.drop_rates, activations.view(-1, *self.activation_shape))
         return self.head(x).mean(dim=(2, 3))                                    # (B, D)
+
+
+def run_blocks(blocks: nn.ModuleList, drop_rates: list[float], x: torch.Tensor) -> torch.Tensor:
+    """EfficientNet MBConv blocks in turn, as EfficientNet.extract_features runs them."""
+    for block, rate in zip(blocks, drop_rates):
+        x = block(x, drop_connect_rate=rate)
+    return x
 
 
 def drop_connect_rates(net: nn.Module) -> list[float]:

@@ -101,14 +101,8 @@ class Trainer:
         self.device = rank_device(device, self.world)
         self.train_records, self.val_records = training_records(data_cfg, cfg)
         resume = self.build_model(model_cfg)
-        cache_module, cache_name, self.top = cached_part(self.captioner.encoder, self.model_cfg.backbone, cfg,
-                                                         self.captioner.preprocess_cfg.image_size)
-        if self.top is not None:
-            if cfg.fine_tune_cnn:
-                raise ValueError("--fine-tune-top and --fine-tune-cnn: choose one (the top, or the whole CNN)")
-            self.top.requires_grad_(True)
         self.data = TrainingData(self.captioner, self.vocab, self.train_records, self.val_records, data_cfg, cfg,
-                                 self.world, self.device, (cache_module, cache_name))
+                                 self.world, self.device, self.cached)
         # The training captions live on as token ids (self.data.tokens): their text goes, the
         # records keep their paths; ~230 MB less in every process at COCO size (bench_train_scale).
         for record in self.train_records:
@@ -164,10 +158,18 @@ class Trainer:
             self.captioner.decode_cfg = start.decode
             self.captioner.info["started_from"] = {"sha256": fingerprint(start.path), "vocab_size": len(start.vocab),
                                                    "dataset": start.info.get("dataset")}
-        self.captioner.encoder.requires_grad_(cfg.fine_tune_cnn)     # (--fine-tune-top: __init__ unfreezes the top)
+        self.captioner.encoder.requires_grad_(cfg.fine_tune_cnn)
         self.captioner.to(self.device)
         self.vocab, self.model_cfg = vocab, self.captioner.model_cfg
         self.decoder = self.captioner.decoders[0]
+        # What the feature cache holds (module, name), and with --fine-tune-top the top that trains.
+        cache_module, cache_name, self.top = cached_part(self.captioner.encoder, self.model_cfg.backbone, cfg,
+                                                         self.captioner.preprocess_cfg.image_size)
+        self.cached = (cache_module, cache_name)
+        if self.top is not None:
+            if cfg.fine_tune_cnn:
+                raise ValueError("--fine-tune-top and --fine-tune-cnn: choose one (the top, or the whole CNN)")
+            self.top.requires_grad_(True)
         return resume
 
     def begin_epoch(self, epoch: int):

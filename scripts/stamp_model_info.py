@@ -14,6 +14,11 @@ from captioner import Captioner
 from captioner.config import check_config
 
 
+def json_items(items: list[str]) -> dict:
+    """["KEY=JSON", ...] -> {KEY: value}."""
+    return {key: json.loads(value) for key, value in (item.split("=", 1) for item in items)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
@@ -37,15 +42,9 @@ def main() -> None:
         info[f"{name}_decode"] = {k: result["decode"][k] for k in ("method", "beam_size", "length_penalty")}
     if args.recipe:
         info["recipe"] = args.recipe
-    for item in args.set:
-        key, value = item.split("=", 1)
-        info[key] = json.loads(value)
-    for item in args.decode:
-        key, value = item.split("=", 1)
-        captioner.decode_cfg = dataclasses.replace(captioner.decode_cfg, **{key: json.loads(value)})
-    for item in args.preprocess:
-        key, value = item.split("=", 1)
-        captioner.preprocess_cfg = check_config(dataclasses.replace(captioner.preprocess_cfg, **{key: json.loads(value)}))
+    info.update(json_items(args.set))
+    captioner.decode_cfg = dataclasses.replace(captioner.decode_cfg, **json_items(args.decode))
+    captioner.preprocess_cfg = check_config(dataclasses.replace(captioner.preprocess_cfg, **json_items(args.preprocess)))
     captioner.save(args.checkpoint, half=args.half, info=info)
     print(json.dumps({**captioner.info, **info}, indent=1)[:2000])
 
